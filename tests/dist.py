@@ -1,0 +1,66 @@
+"""Run a function on N gloo ranks in spawned processes; a failing rank fails the test.
+
+Usage:
+    def _body(rank, world_size, tmp_path, arg): ...      # module-level, picklable
+    results = run_ranks(_body, world_size=2, tmp_path=tmp_path, args=(arg,))
+
+Each rank's return value comes back in `results[rank]` (it must be picklable).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, fn, world_size, init_file, timeout_s, args, queue):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s))
+        out = fn(rank, world_size, *args)
+        queue.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - report every failure to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, tmp_path, args=(), timeout_s: float = 60.0):
+    """Spawn `world_size` processes running fn(rank, world_size, *args); return list of results."""
+    init_file = os.path.join(str(tmp_path), f"dist_init_{os.getpid()}_{id(fn)}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_entry, args=(r, fn, world_size, init_file, timeout_s, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout_s * 3)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+    except Exception as exc:  # queue.Empty: some rank hung or died without reporting
+        errors.append(f"ranks did not report in time: {exc!r}")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    dead = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    assert not dead, f"ranks exited with {dead}"
+    return [results[r] for r in range(world_size)]
