@@ -1,5 +1,30 @@
-"""Errors the command-line front ends turn into one line and exit code 2."""
+"""Errors and exit codes the command-line front ends share.
+
+Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); EXIT_RESTART when a
+failure was detected and the worker wants its agent (torchrun) to restart it.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_RESTART = 75   # EX_TEMPFAIL: "failure detected, restart me"
 
 
 class UsageError(Exception):
     """Bad user input: the CLI prints the message and exits 2."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run an entry point: UsageError → one line + exit 2, otherwise main's exit code."""
+    try:
+        code = main()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,243 @@
+"""Typed configuration: dataclass sections whose fields become Megatron-style flags.
+
+Every field `foo_bar` of a section is the flag `--foo-bar`; booleans defaulting to False
+are `--foo-bar`, booleans defaulting to True are `--no-foo-bar`. `parse_config()` builds
+the parser from the dataclasses, so a flag and its field can never drift apart, then
+validates the combination and raises `UsageError` (one line, exit 2 in the entry point).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from gemini_lm.errors import UsageError
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model_size: str = _f("tiny", "preset for the unset sizes below", choices=["tiny", "gpt2", "gpt2-medium"])
+    num_layers: int | None = _f(None, "transformer layers")
+    hidden_size: int | None = _f(None, "hidden size")
+    num_attention_heads: int | None = _f(None, "attention heads")
+    ffn_hidden_size: int | None = _f(None, "MLP hidden size (default 4*hidden)")
+    seq_length: int | None = _f(None, "tokens per sample")
+    max_position_embeddings: int | None = _f(None, "position table size (default seq-length)")
+    hidden_dropout: float | None = _f(None, "dropout on hidden states")
+    attention_dropout: float | None = _f(None, "dropout on attention probabilities")
+    init_method_std: float = _f(0.02, "std of the normal weight init")
+    make_vocab_size_divisible_by: int = _f(128, "pad the vocabulary to a multiple of this times TP")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = _f(1, "ranks sharing each layer (consecutive ranks)")
+    distributed_backend: str = _f("auto", "auto = nccl on CUDA, gloo on CPU", choices=["auto", "gloo", "nccl"])
+    device: str = _f("auto", "auto = cuda when available", choices=["auto", "cpu", "cuda"])
+    distributed_timeout_minutes: float = _f(10.0, "collective timeout (Megatron's flag)")
+    distributed_timeout_seconds: float | None = _f(None, "seconds-level override, so a dead peer is noticed fast")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = _f(4, "samples per micro-batch per data-parallel rank")
+    global_batch_size: int | None = _f(None, "samples per iteration (default micro * dp)")
+    train_iters: int = _f(300, "iterations to train")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of decay")
+    lr_decay_style: str = _f("cosine", "decay after warmup", choices=["constant", "linear", "cosine"])
+    lr_warmup_iters: int = _f(30, "linear warmup iterations")
+    lr_decay_iters: int | None = _f(None, "decay length (default train-iters)")
+    weight_decay: float = _f(0.1, "AdamW decay (not on biases and norms)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.95, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    clip_grad: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    bf16: bool = _f(False, "bf16 params with fp32 master weights")
+    fp16: bool = _f(False, "fp16 params, fp32 masters, dynamic loss scaling")
+    loss_scale: float | None = _f(None, "static loss scale for fp16 (default dynamic)")
+    initial_loss_scale: float = _f(2.0 ** 16, "initial dynamic loss scale")
+    seed: int = _f(1234, "seed for weights, dropout and data order")
+    eval_interval: int = _f(100, "validate every this many iterations (0 = never)")
+    eval_iters: int = _f(5, "validation iterations")
+    exit_interval: int | None = _f(None, "stop after an iteration divisible by this")
+
+
+@dataclass
+class DataConfig:
+    data_path: str | None = _f(None, "prefix of a .bin/.idx pair (default: the bundled sample corpus)")
+    split: str = _f("969,30,1", "train,valid,test weights")
+    tokenizer_type: str | None = _f(None, "SentencePieceTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer | ByteLevelTokenizer")
+    tokenizer_model: str | None = _f(None, "sentencepiece model file or Hugging Face tokenizer directory")
+    vocab_file: str | None = _f(None, "GPT-2 BPE vocab.json")
+    merge_file: str | None = _f(None, "GPT-2 BPE merges.txt")
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = _f(None, "directory for persistent checkpoints")
+    load: str | None = _f(None, "directory to resume from (default: --save)")
+    save_interval: int | None = _f(None, "persist every this many iterations")
+    save_keep: int | None = _f(None, "keep only the newest K persistent checkpoints")
+
+
+@dataclass
+class LoggingConfig:
+    log_dir: str = _f("runs/default", "metrics.jsonl, recovery.jsonl and console logs go here")
+    log_interval: int = _f(10, "log every this many iterations")
+    wandb_project: str | None = _f(None, "log to this wandb project (offline unless wandb is configured)")
+    wandb_exp_name: str | None = _f(None, "wandb run name")
+    wandb_save_dir: str | None = _f(None, "wandb files (default <log-dir>/wandb)")
+
+
+@dataclass
+class GeminiConfig:
+    gemini: bool = _f(True, "take an in-memory GEMINI checkpoint every --gemini-interval iterations")
+    gemini_interval: int = _f(1, "iterations between in-memory checkpoints")
+    gemini_store_dir: str = _f("/dev/shm/gemini_lm", "root of the shared-memory store")
+    gemini_job_id: str | None = _f(None, "job id (default: torchrun's run id, else from --log-dir)")
+    gemini_keep_store: bool = _f(False, "keep the in-memory store after a clean finish")
+    gemini_replicas: int = _f(2, "copies of each checkpoint (own machine + m-1 peers)")
+    gemini_placement: str = _f("auto", "holder placement", choices=["auto", "group", "ring", "mixed"])
+    gemini_hang_timeout: float = _f(120.0, "seconds without progress before the watchdog ends the step")
+    gemini_interleave: str = _f("on", "send checkpoint traffic in idle gaps (off = eagerly)", choices=["on", "off"])
+    gemini_profile_iters: int = _f(20, "iterations profiled before replication is scheduled")
+    gemini_buffer_mb: float = _f(128.0, "reserved transfer buffer")
+    gemini_sub_buffers: int = _f(4, "sub-buffers of the transfer buffer (pipelining)")
+    gemini_gap_safety: float = _f(0.8, "fraction of each idle gap that may be used")
+
+
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig,
+            "data": DataConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+            "gemini": GeminiConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    parallel: ParallelConfig
+    training: TrainingConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    gemini: GeminiConfig
+    extra: dict = field(default_factory=dict)   # entry-point specific flags
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage + error and exits 2; we print one line and exit 2."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            if f.default:
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                   action="store_false", help=help_ + " (on by default)")
+            else:
+                group.add_argument(flag, dest=f.name, action="store_true", help=help_)
+            continue
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
+        group.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                           choices=f.metadata.get("choices"), help=help_)
+
+
+def build_parser(extra_args_provider: Callable | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, description="gemini_lm pretraining",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cls in SECTIONS.values():
+        _add_dataclass_args(parser, cls)
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, extra_args_provider: Callable | None = None,
+                 world_size: int | None = None) -> Config:
+    parser = build_parser(extra_args_provider, prog=os.path.basename(sys.argv[0]))
+    ns = vars(parser.parse_args(argv))
+    sections = {}
+    for name, cls in SECTIONS.items():
+        sections[name] = cls(**{f.name: ns.pop(f.name) for f in dataclasses.fields(cls)})
+    cfg = Config(**sections, extra=ns)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks that need only the flags and the world size; model checks live with the model."""
+    p, t = cfg.parallel, cfg.training
+    tp = p.tensor_model_parallel_size
+    if tp < 1 or world_size % tp:
+        raise UsageError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+    dp = world_size // tp
+    if t.micro_batch_size < 1:
+        raise UsageError("--micro-batch-size must be >= 1")
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise UsageError(f"--global-batch-size {t.global_batch_size} is not divisible by "
+                         f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
+    if t.train_iters < 1:
+        raise UsageError("--train-iters must be >= 1")
+    if t.bf16 and t.fp16:
+        raise UsageError("--bf16 and --fp16 are mutually exclusive")
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = t.train_iters
+    if t.lr_warmup_iters > t.lr_decay_iters:
+        t.lr_warmup_iters = t.lr_decay_iters
+    if p.distributed_timeout_seconds is not None and p.distributed_timeout_seconds <= 0:
+        raise UsageError("--distributed-timeout-seconds must be > 0")
+    try:
+        weights = [float(x) for x in cfg.data.split.replace("/", ",").split(",")]
+    except ValueError:
+        raise UsageError(f"--split {cfg.data.split!r}: expected comma-separated numbers like 969,30,1") from None
+    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError(f"--split {cfg.data.split!r}: expected up to three non-negative weights")
+    c = cfg.checkpoint
+    if c.load is None:
+        c.load = c.save
+    if c.save_interval is not None and c.save_interval < 1:
+        raise UsageError("--save-interval must be >= 1")
+    if c.save_interval is not None and not c.save:
+        raise UsageError("--save-interval needs --save")
+    if c.save_keep is not None and c.save_keep < 1:
+        raise UsageError("--save-keep must be >= 1")
+    g = cfg.gemini
+    if g.gemini_interval < 1:
+        raise UsageError("--gemini-interval must be >= 1")
+    if g.gemini_replicas < 1:
+        raise UsageError("--gemini-replicas must be >= 1")
+    if not 0 < g.gemini_gap_safety <= 1:
+        raise UsageError("--gemini-gap-safety must be in (0, 1]")
+    if g.gemini_sub_buffers < 1 or g.gemini_buffer_mb <= 0:
+        raise UsageError("--gemini-buffer-mb must be > 0 and --gemini-sub-buffers >= 1")
+    if cfg.logging.log_interval < 1:
+        raise UsageError("--log-interval must be >= 1")
+
+
+def dp_size(cfg: Config, world_size: int) -> int:
+    return world_size // cfg.parallel.tensor_model_parallel_size
+
+
+def num_micro_batches(cfg: Config, world_size: int) -> int:
+    t = cfg.training
+    return t.global_batch_size // (t.micro_batch_size * dp_size(cfg, world_size))

@@ -1,0 +1,55 @@
+"""Process-group start-up: torchrun's environment, or a one-process world without it."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from gemini_lm.config import Config
+from gemini_lm.errors import UsageError
+from gemini_lm.parallel.state import ParallelState
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.parallel.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_timeout(cfg: Config) -> datetime.timedelta:
+    p = cfg.parallel
+    if p.distributed_timeout_seconds is not None:
+        return datetime.timedelta(seconds=p.distributed_timeout_seconds)
+    return datetime.timedelta(minutes=p.distributed_timeout_minutes)
+
+
+def initialize_distributed(cfg: Config) -> ParallelState:
+    """Join the world (torchrun env vars if present) and build the TP/DP groups."""
+    device = resolve_device(cfg)
+    backend = cfg.parallel.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UsageError("--distributed-backend nccl needs --device cuda")
+    timeout = collective_timeout(cfg)
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            kwargs = {"device_id": device} if backend == "nccl" else {}
+            dist.init_process_group(backend, timeout=timeout, **kwargs)
+        else:
+            # `python pretrain_gpt.py`: a world of one, no rendezvous needed.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    try:
+        return ParallelState.initialize(cfg.parallel.tensor_model_parallel_size, device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

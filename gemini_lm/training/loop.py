@@ -1,0 +1,184 @@
+"""pretrain(): the generic training driver shared by GPT and BERT.
+
+Entry points stay thin: they give a model provider, a datasets provider and a forward
+step. Everything else — process groups, seeds, tokenizer, optimizer, checkpointer,
+data position, logging — is built here from the typed config and passed explicitly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from gemini_lm.config import Config, num_micro_batches
+from gemini_lm.data.samplers import micro_batches
+from gemini_lm.data.tokenizer import build_tokenizer
+from gemini_lm.errors import UsageError
+from gemini_lm.models.config import TransformerConfig, pad_vocab_size
+from gemini_lm.parallel.data_parallel import DistributedDataParallel
+from gemini_lm.parallel.random import model_parallel_seed
+from gemini_lm.training.checkpointing import PersistentCheckpointer
+from gemini_lm.training.initialize import initialize_distributed
+from gemini_lm.training.lr_schedule import OptimizerParamScheduler
+from gemini_lm.training.metrics import MetricsLogger
+from gemini_lm.training.optimizer import build_optimizer
+from gemini_lm.training.state import TrainProgress, TrainState
+from gemini_lm.training.step import evaluate, reduce_mean_over_dp, train_step
+
+
+def build_tokenizer_and_data(cfg: Config):
+    """The user's data and tokenizer, or the bundled sample corpus and its tokenizer."""
+    d = cfg.data
+    if d.data_path is None:
+        from gemini_lm.data.sample_corpus import ensure_default_corpus
+
+        corpus = ensure_default_corpus()
+        d.data_path = corpus.data_prefix
+        if d.tokenizer_type is None:
+            d.tokenizer_type, d.tokenizer_model = "SentencePieceTokenizer", corpus.tokenizer_model
+    if d.tokenizer_type is None:
+        raise UsageError("--data-path needs --tokenizer-type (the tokenizer the data was encoded with)")
+    tok = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model,
+                          vocab_file=d.vocab_file, merge_file=d.merge_file)
+    return tok
+
+
+def build_transformer_config(cfg: Config, vocab_size: int, tp_size: int, **overrides) -> TransformerConfig:
+    m = cfg.model
+    flags = {k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                         "ffn_hidden_size", "hidden_dropout", "attention_dropout")
+             if getattr(m, k) is not None}
+    if m.max_position_embeddings is not None:
+        flags["max_position_embeddings"] = m.max_position_embeddings
+    elif m.seq_length is not None:
+        flags["max_position_embeddings"] = m.seq_length
+    padded = pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp_size)
+    params_dtype = torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
+    tcfg = TransformerConfig.from_preset(m.model_size, padded, init_method_std=m.init_method_std,
+                                         params_dtype=params_dtype, **{**flags, **overrides})
+    if m.seq_length is None:
+        m.seq_length = tcfg.max_position_embeddings
+    if m.seq_length > tcfg.max_position_embeddings:
+        raise UsageError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+                         f"{tcfg.max_position_embeddings}")
+    tcfg.validate(tp_size)
+    return tcfg
+
+
+def default_job_id(cfg: Config) -> str:
+    if cfg.gemini.gemini_job_id:
+        return cfg.gemini.gemini_job_id
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ["TORCHELASTIC_RUN_ID"] != "none":
+        return os.environ["TORCHELASTIC_RUN_ID"]
+    # Same --log-dir ⇒ same job: a restarted `python pretrain_gpt.py` finds its memory.
+    import hashlib
+
+    return "job-" + hashlib.sha1(os.path.abspath(cfg.logging.log_dir).encode()).hexdigest()[:12]
+
+
+def build_checkpointer(cfg: Config, state: TrainState, ps, logger):
+    if cfg.gemini.gemini:
+        from gemini_lm.gemini.checkpointer import Checkpointer
+
+        return Checkpointer(cfg, state, ps, logger, job_id=default_job_id(cfg))
+    return PersistentCheckpointer(cfg, state, ps, logger)
+
+
+def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
+             forward_step: Callable) -> int:
+    t_start = time.time()
+    ps = initialize_distributed(cfg)
+    t = cfg.training
+    tokenizer = build_tokenizer_and_data(cfg)
+    tracker = model_parallel_seed(t.seed, ps)
+    tcfg = build_transformer_config(cfg, tokenizer.vocab_size, ps.tp_size)
+    logger = MetricsLogger(cfg.logging.log_dir, enabled=ps.rank == 0,
+                           wandb_project=cfg.logging.wandb_project,
+                           wandb_exp_name=cfg.logging.wandb_exp_name,
+                           wandb_save_dir=cfg.logging.wandb_save_dir,
+                           run_id=default_job_id(cfg), config=cfg.to_dict())
+    model = model_provider(cfg, tcfg, ps, tracker).to(ps.device)
+    if t.bf16 or t.fp16:
+        model = model.to(tcfg.params_dtype)
+    ddp = DistributedDataParallel(model, ps)
+    optimizer = build_optimizer(model, ps, lr=t.lr, weight_decay=t.weight_decay,
+                                betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                clip_grad=t.clip_grad,
+                                precision="bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
+                                loss_scale=t.loss_scale, initial_loss_scale=t.initial_loss_scale,
+                                ddp=ddp)
+    scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr,
+                                        lr_warmup_iters=t.lr_warmup_iters,
+                                        lr_decay_iters=t.lr_decay_iters,
+                                        lr_decay_style=t.lr_decay_style)
+    progress = TrainProgress()
+    state = TrainState(model, optimizer, scheduler, tracker, ps, progress, dataclasses.asdict(
+        tcfg, dict_factory=lambda kv: {k: str(v) if isinstance(v, torch.dtype) else v for k, v in kv}))
+    n_micro = num_micro_batches(cfg, ps.world_size)
+    gbs = t.global_batch_size
+    num_samples = (t.train_iters * gbs,
+                   (t.train_iters // t.eval_interval + 1) * t.eval_iters * gbs if t.eval_interval else 0,
+                   t.eval_iters * gbs)
+    train_ds, valid_ds, _ = datasets_provider(cfg, tokenizer, num_samples)
+
+    checkpointer = build_checkpointer(cfg, state, ps, logger)
+    checkpointer.restore()   # sets progress (iteration, consumed samples), weights, RNG, ...
+    start_iteration = progress.iteration
+    nparams = sum(p.numel() for p in model.parameters())
+    logger.console(
+        f"gemini_lm: world {ps.world_size} (TP {ps.tp_size} x DP {ps.dp_size}) on {ps.device}; "
+        f"{tcfg.num_layers} layers, hidden {tcfg.hidden_size}, {nparams * ps.tp_size / 1e6:.2f}M params; "
+        f"global batch {gbs} = {t.micro_batch_size} x {n_micro} micro x {ps.dp_size} DP; "
+        f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.1f}s")
+
+    data_iter = micro_batches(train_ds, progress.consumed_samples, t.micro_batch_size,
+                              ps.dp_rank, ps.dp_size)
+    valid_iter_factory = (lambda: micro_batches(valid_ds, 0, t.micro_batch_size, ps.dp_rank, ps.dp_size)) \
+        if valid_ds is not None else (lambda: None)
+    tokens_per_iter = gbs * cfg.model.seq_length
+    window_t0, window_iters = time.perf_counter(), 0
+    iteration = start_iteration
+    clean = False
+    try:
+        while iteration < t.train_iters:
+            iteration += 1
+            t_iter = time.perf_counter()
+            out = train_step(forward_step, data_iter, model, ddp, optimizer, scheduler, progress,
+                             iteration=iteration, num_micro_batches=n_micro, global_batch_size=gbs,
+                             ps=ps, after_update=checkpointer.after_step)
+            iter_time = time.perf_counter() - t_iter
+            window_iters += 1
+            if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
+                loss = reduce_mean_over_dp(out.loss, ps)
+                elapsed = (time.perf_counter() - window_t0) / window_iters
+                window_t0, window_iters = time.perf_counter(), 0
+                record = {"iteration": iteration, "loss": loss, "lr": scheduler.get_lr(),
+                          "iter_time_s": elapsed, "last_iter_time_s": iter_time,
+                          "tokens_per_s": tokens_per_iter / elapsed, "grad_norm": out.grad_norm,
+                          "loss_scale": out.loss_scale, "consumed_samples": progress.consumed_samples,
+                          **checkpointer.stats()}
+                logger.log_iteration(record)
+                eta = elapsed * (t.train_iters - iteration)
+                logger.console(f"iter {iteration:6d}/{t.train_iters} | loss {loss:.4f} | "
+                               f"lr {record['lr']:.2e} | {elapsed * 1000:.0f} ms/it | "
+                               f"{record['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+            if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.train_iters):
+                val = evaluate(forward_step, valid_iter_factory, model, eval_iters=t.eval_iters,
+                               num_micro_batches=n_micro, ps=ps)
+                if val is not None:
+                    logger.log_eval(iteration, {"loss": val})
+                    logger.console(f"validation at iter {iteration}: loss {val:.4f}")
+            if t.exit_interval and iteration % t.exit_interval == 0:
+                break
+        clean = True
+    finally:
+        checkpointer.close(iteration, clean=clean)
+        logger.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,91 @@
+"""Where numbers go: the console, `<log-dir>/metrics.jsonl`, `recovery.jsonl`, and wandb.
+
+Only the logging rank (global rank 0) writes. wandb is optional and offline unless the
+user has configured it (an API key or WANDB_MODE), so a run never needs an account.
+The wandb run id is derived from the job id, so a restarted worker resumes the same run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    # One write() of one line: a killed process leaves whole lines behind, not half ones.
+    line = json.dumps(record, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _wandb_configured() -> bool:
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.exists(netrc) and "api.wandb.ai" in open(netrc, errors="ignore").read()
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str, *, enabled: bool, wandb_project: str | None = None,
+                 wandb_exp_name: str | None = None, wandb_save_dir: str | None = None,
+                 run_id: str | None = None, config: dict | None = None):
+        self.enabled = enabled
+        self.log_dir = log_dir
+        self.metrics_path = os.path.join(log_dir, "metrics.jsonl")
+        self.recovery_path = os.path.join(log_dir, "recovery.jsonl")
+        self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        if wandb_project:
+            import wandb  # slow import: only when asked for
+
+            mode = None if _wandb_configured() else "offline"
+            save_dir = wandb_save_dir or os.path.join(log_dir, "wandb")
+            os.makedirs(save_dir, exist_ok=True)
+            self._wandb = wandb.init(project=wandb_project, name=wandb_exp_name, dir=save_dir,
+                                     id=run_id, resume="allow" if run_id else None,
+                                     mode=mode, config=config)
+
+    def console(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def warn(self, line: str) -> None:
+        if self.enabled:
+            print(f"WARNING: {line}", file=sys.stderr, flush=True)
+
+    def log_iteration(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        _append_jsonl(self.metrics_path, record)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in record.items()
+                             if isinstance(v, (int, float)) and k != "iteration"},
+                            step=record["iteration"])
+
+    def log_eval(self, iteration: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        _append_jsonl(self.metrics_path, {"time": time.time(), "iteration": iteration,
+                                          **{f"valid_{k}": v for k, v in values.items()}})
+        if self._wandb is not None:
+            self._wandb.log({f"valid/{k}": v for k, v in values.items()}, step=iteration)
+
+    def log_recovery(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        _append_jsonl(self.recovery_path, record)
+        if self._wandb is not None:
+            self._wandb.log({f"recovery/{k}": v for k, v in record.items()
+                             if isinstance(v, (int, float))}, step=record.get("iteration"))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -1,0 +1,67 @@
+"""TrainState: everything one rank needs to continue bit for bit, as named tensors.
+
+The GEMINI snapshot and the persistent checkpoint both store exactly `tensors()`: the
+model shard, the optimizer (fp32 masters, moments, steps, loss scaler), the LR schedule,
+every RNG stream and the training progress. Names, shapes and dtypes are fixed for a run,
+so the snapshot layout is decided once. `tensors()` returns live tensors (no copies):
+the snapshot copies them straight into shared memory.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from gemini_lm.parallel.random import get_rng_state_tensors, set_rng_state_tensors
+
+FORMAT = "gemini_lm/1"
+
+
+@dataclass
+class TrainProgress:
+    iteration: int = 0          # iterations completed
+    consumed_samples: int = 0   # global samples consumed: where the data loader resumes
+
+
+class TrainState:
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, tracker, ps,
+                 progress: TrainProgress, model_config: dict):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.tracker, self.ps, self.progress = tracker, ps, progress
+        self._params = {f"model/{n}": p for n, p in model.named_parameters()}
+        self.metadata = {
+            "format": FORMAT,
+            "shard": ps.shard_id,
+            "tp_rank": str(ps.tp_rank),
+            "tp_size": str(ps.tp_size),
+            "model_config": json.dumps(model_config, sort_keys=True),
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        out["train/iteration"] = torch.tensor([self.progress.iteration], dtype=torch.int64)
+        out["train/consumed_samples"] = torch.tensor([self.progress.consumed_samples], dtype=torch.int64)
+        out.update({k: p.detach() for k, p in self._params.items()})
+        out.update(self.optimizer.state_tensors())
+        out.update({f"scheduler/{k}": v for k, v in self.scheduler.state_tensors().items()})
+        out.update(get_rng_state_tensors(self.tracker))
+        return out
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore in place from tensors produced by `tensors()` (possibly in another process)."""
+        missing = [k for k in self._params if k not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]}")
+        for k, p in self._params.items():
+            src = tensors[k]
+            if src.shape != p.shape:
+                raise ValueError(f"{k}: checkpoint shape {tuple(src.shape)} != model {tuple(p.shape)}")
+            p.copy_(src)
+        self.optimizer.load_state_tensors({k: v for k, v in tensors.items() if k.startswith("optimizer/")})
+        self.scheduler.load_state_tensors({k[len("scheduler/"):]: v for k, v in tensors.items()
+                                           if k.startswith("scheduler/")})
+        set_rng_state_tensors({k: v for k, v in tensors.items() if k.startswith("rng/")}, self.tracker)
+        self.progress.iteration = int(tensors["train/iteration"][0])
+        self.progress.consumed_samples = int(tensors["train/consumed_samples"][0])
