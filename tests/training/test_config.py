@@ -1,0 +1,49 @@
+import pytest
+
+from gemini_lm.config import build_parser, num_micro_batches, parse_config
+from gemini_lm.errors import UsageError
+
+
+def test_megatron_flag_names_and_defaults():
+    cfg = parse_config(["--num-layers", "3", "--tensor-model-parallel-size", "2",
+                        "--micro-batch-size", "2", "--global-batch-size", "8", "--bf16",
+                        "--no-gemini", "--gemini-replicas", "3"], world_size=4)
+    assert cfg.model.num_layers == 3
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.training.bf16 and not cfg.gemini.gemini
+    assert cfg.gemini.gemini_replicas == 3
+    assert num_micro_batches(cfg, 4) == 2          # 8 = 2 micro x 2 accumulation x 2 DP
+    assert cfg.training.lr_decay_iters == cfg.training.train_iters
+    assert cfg.checkpoint.load is None
+
+
+def test_global_batch_defaults_to_micro_times_dp():
+    cfg = parse_config(["--micro-batch-size", "3"], world_size=2)
+    assert cfg.training.global_batch_size == 6
+
+
+def test_load_defaults_to_save(tmp_path):
+    cfg = parse_config(["--save", str(tmp_path)], world_size=1)
+    assert cfg.checkpoint.load == str(tmp_path)
+
+
+@pytest.mark.parametrize("argv,world,msg", [
+    (["--tensor-model-parallel-size", "3"], 4, "not divisible by --tensor-model-parallel-size"),
+    (["--micro-batch-size", "2", "--global-batch-size", "6"], 2, "not divisible by --micro-batch-size"),
+    (["--bf16", "--fp16"], 1, "mutually exclusive"),
+    (["--save-interval", "5"], 1, "needs --save"),
+    (["--split", "a,b"], 1, "--split"),
+    (["--num-layers", "x"], 1, "invalid int value"),
+    (["--no-such-flag"], 1, "unrecognized arguments"),
+    (["--gemini-placement", "star"], 1, "invalid choice"),
+])
+def test_bad_input_is_a_usage_error(argv, world, msg):
+    with pytest.raises(UsageError, match=msg):
+        parse_config(argv, world_size=world)
+
+
+def test_every_field_has_help():
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, action.dest
