@@ -88,6 +88,7 @@ def _rotations(unit: list[str], nsend: int) -> dict[str, tuple[str, ...]]:
 
 
 def plan_placement(machines: list[str], replicas: int, strategy: str = "auto") -> Placement:
+    """Holder sets for `machines` (in this order) with `replicas` copies per checkpoint."""
     machines = [str(mach) for mach in machines]
     if len(set(machines)) != len(machines):
         raise ValueError("machine ids must be unique")
@@ -98,10 +99,10 @@ def plan_placement(machines: list[str], replicas: int, strategy: str = "auto") -
     ring = machines[num_groups * m:]
     if strategy == "mixed" and n % m == 0:
         notes.append(f"mixed with m | N: the ring of {len(ring)} machines is just one more group")
-    peers: dict[str, tuple[str, ...]] = {}
-    for unit in groups + ([ring] if ring else []):
-        peers.update(_rotations(unit, m - 1))
     units = groups + ([ring] if ring else [])
+    peers: dict[str, tuple[str, ...]] = {}
+    for unit in units:
+        peers.update(_rotations(unit, m - 1))
     return Placement(strategy, m, tuple(machines), tuple(tuple(u) for u in units), tuple(ring),
                      tuple(notes), peers)
 
@@ -125,12 +126,10 @@ def replication_plan(shard_machines: Mapping[str, list[str]], placement: Placeme
 
     `shard_machines[shard]` are the machines that natively hold an identical copy of the
     shard (its data-parallel replicas). Each unique shard needs m failure domains, not m
-    sends: native copies count. Destinations are, in order of preference, the placement
-    peers of the shard's native holders, then any other machine; ties go to the machine
-    that receives least so far, so load spreads across shards. The source of a send is
-    the native holder whose peer the destination is (least-loaded one on ties), so each
-    native holder ships its own share. Shards are planned in sorted order: every rank
-    computes the same plan independently.
+    sends: native copies count. Destinations are placement peers of the shard's native
+    holders; ties go to the machine that receives least so far, so load spreads across
+    shards, and the source is the native holder whose peer the destination is. Shards
+    are planned in sorted order: every rank computes the same plan independently.
     """
     order = {mach: i for i, mach in enumerate(placement.machines)}
     target = placement.replicas
@@ -147,22 +146,13 @@ def replication_plan(shard_machines: Mapping[str, list[str]], placement: Placeme
         held = set(natives)
         sends: list[tuple[str, str]] = []
         while len(held) < target:
-            # rank candidates: (is not a placement peer, receive load, peer position, machine order)
-            best = None
-            for dst in placement.machines:
-                if dst in held:
-                    continue
-                srcs = [(placement.peers(src).index(dst), send_load[src], order[src], src)
-                        for src in natives if dst in placement.peers(src)]
-                if srcs:
-                    pos, _, _, src = min(srcs)
-                    key = (0, recv_load[dst], pos, order[dst])
-                else:
-                    src = min(natives, key=lambda s: (send_load[s], order[s]))
-                    key = (1, recv_load[dst], 0, order[dst])
-                if best is None or key < best[0]:
-                    best = (key, src, dst)
-            _, src, dst = best
+            # a peer of some native holder: least-loaded receiver, then earliest in its
+            # sender's peer list, then least-loaded sender, then machine order
+            options = [(recv_load[dst], pos, send_load[src], order[dst], order[src], src, dst)
+                       for src in natives for pos, dst in enumerate(placement.peers(src))
+                       if dst not in held]
+            # never empty: a native holder plus its m-1 peers are m > len(held) machines
+            *_, src, dst = min(options)
             sends.append((src, dst))
             held.add(dst)
             recv_load[dst] += 1
