@@ -127,6 +127,10 @@ class HuggingFaceTokenizer(Tokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    def save_pretrained(self, directory: str) -> None:
+        """Write the tokenizer where AutoTokenizer (and HuggingFaceTokenizer) can load it."""
+        self._tok.save_pretrained(directory)
+
 
 class GPT2BPETokenizer(HuggingFaceTokenizer):
     """GPT-2 byte-level BPE from local `vocab.json` and `merges.txt`."""

@@ -1,0 +1,132 @@
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from gemini_lm.data.indexed_dataset import (DTYPE_CODES, IndexedDataset, IndexedDatasetBuilder,
+                                            data_file_path, index_file_path)
+from gemini_lm.errors import UsageError
+
+
+def build(prefix, sequences, dtype, doc_ends=None):
+    """Write sequences; doc_ends lists after which sequence indices a document ends."""
+    doc_ends = set(range(len(sequences))) if doc_ends is None else set(doc_ends)
+    with IndexedDatasetBuilder(data_file_path(prefix), dtype) as builder:
+        for i, seq in enumerate(sequences):
+            builder.add_item(seq)
+            if i in doc_ends:
+                builder.end_document()
+        builder.finalize(index_file_path(prefix))
+    return prefix
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES.values()), ids=lambda d: np.dtype(d).name)
+def test_round_trip_every_dtype(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, 120, size=n).astype(dtype) for n in (5, 1, 0, 17, 3)]
+    ds = IndexedDataset(build(str(tmp_path / "d"), sequences, dtype, doc_ends=[1, 4]))
+    assert ds.dtype == dtype
+    assert len(ds) == 5 and ds.num_documents == 2
+    assert ds.document_indices.tolist() == [0, 2, 5]
+    assert ds.sequence_lengths.tolist() == [5, 1, 0, 17, 3]
+    for i, seq in enumerate(sequences):
+        np.testing.assert_array_equal(ds[i], seq)
+        assert ds[i].dtype == dtype
+    np.testing.assert_array_equal(ds.get(3, offset=2, length=4), sequences[3][2:6])
+    np.testing.assert_array_equal(ds.get(3, offset=10), sequences[3][10:])
+    np.testing.assert_array_equal(ds[-1], sequences[-1])
+    with pytest.raises(IndexError):
+        ds.get(0, offset=3, length=3)
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def megatron_layout(lengths, documents, code, itemsize) -> bytes:
+    """The .idx bytes as Megatron-LM's _IndexWriter writes them, spelled out field by field."""
+    pointers, position = [], 0
+    for n in lengths:
+        pointers.append(position)
+        position += n * itemsize
+    return (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code)
+            + struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(documents))
+            + struct.pack(f"<{len(lengths)}i", *lengths)
+            + struct.pack(f"<{len(pointers)}q", *pointers)
+            + struct.pack(f"<{len(documents)}q", *documents))
+
+
+def test_megatron_layout_byte_for_byte(tmp_path):
+    # Three sentences in two documents, uint16 (code 8): [[1,2,3],[4,5]] and [[6]].
+    expected_idx = megatron_layout([3, 2, 1], [0, 2, 3], code=8, itemsize=2)
+    expected_bin = struct.pack("<6H", 1, 2, 3, 4, 5, 6)
+
+    hand = tmp_path / "hand"
+    (tmp_path / "hand.idx").write_bytes(expected_idx)
+    (tmp_path / "hand.bin").write_bytes(expected_bin)
+    ds = IndexedDataset(str(hand))
+    assert ds.dtype == np.uint16
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 3], [4, 5], [6]]
+    assert ds.document_indices.tolist() == [0, 2, 3]
+    assert ds.sequence_pointers.tolist() == [0, 6, 10]
+
+    ours = build(str(tmp_path / "ours"), [[1, 2, 3], [4, 5], [6]], np.uint16, doc_ends=[1, 2])
+    assert (tmp_path / "ours.idx").read_bytes() == expected_idx
+    assert (tmp_path / "ours.bin").read_bytes() == expected_bin
+    assert IndexedDataset(ours).document_indices.tolist() == [0, 2, 3]
+
+
+def test_empty_dataset(tmp_path):
+    ds = IndexedDataset(build(str(tmp_path / "e"), [], np.int32))
+    assert len(ds) == 0 and ds.num_documents == 0
+
+
+def test_truncated_bin_is_a_usage_error(tmp_path):
+    prefix = build(str(tmp_path / "t"), [[1, 2, 3], [4, 5, 6, 7]], np.int32)
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(prefix + ".bin") - 4)
+    with pytest.raises(UsageError, match=r"t\.bin.*does not match its index"):
+        IndexedDataset(prefix)
+
+
+def test_missing_idx_is_a_usage_error(tmp_path):
+    prefix = build(str(tmp_path / "m"), [[1, 2]], np.int32)
+    os.unlink(prefix + ".idx")
+    with pytest.raises(UsageError, match=r"not found: .*m\.idx"):
+        IndexedDataset(prefix)
+    with pytest.raises(UsageError, match=r"not found: .*nothing\.idx"):
+        IndexedDataset(str(tmp_path / "nothing"))
+
+
+def test_truncated_or_foreign_idx_is_a_usage_error(tmp_path):
+    prefix = build(str(tmp_path / "x"), [[1, 2], [3]], np.int32)
+    full = (tmp_path / "x.idx").read_bytes()
+    (tmp_path / "x.idx").write_bytes(full[:-8])
+    with pytest.raises(UsageError, match=r"x\.idx: truncated"):
+        IndexedDataset(prefix)
+    (tmp_path / "x.idx").write_bytes(full[:20])
+    with pytest.raises(UsageError, match=r"x\.idx: truncated"):
+        IndexedDataset(prefix)
+    (tmp_path / "x.idx").write_bytes(b"NOTANIDX!" + full[9:])
+    with pytest.raises(UsageError, match="bad magic"):
+        IndexedDataset(prefix)
+
+
+def test_writes_are_atomic(tmp_path):
+    prefix = str(tmp_path / "a")
+    build(prefix, [[1, 2, 3]], np.int32)
+    # A failure while writing leaves the previous pair intact and no temporary files.
+    with pytest.raises(RuntimeError):
+        with IndexedDatasetBuilder(data_file_path(prefix), np.int32) as builder:
+            builder.add_item([9, 9])
+            raise RuntimeError("crash mid-write")
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx"]
+    assert IndexedDataset(prefix)[0].tolist() == [1, 2, 3]
+    # Until finalize, nothing appears under the final names.
+    builder = IndexedDatasetBuilder(str(tmp_path / "b.bin"), np.int32)
+    builder.add_item([4])
+    assert not IndexedDataset.exists(str(tmp_path / "b"))
+    builder.finalize(str(tmp_path / "b.idx"))
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx", "b.bin", "b.idx"]
+    # Rewriting replaces the pair.
+    build(prefix, [[7], [8]], np.int32)
+    assert [IndexedDataset(prefix)[i].tolist() for i in range(2)] == [[7], [8]]
