@@ -1,0 +1,144 @@
+"""Checkpointer: the one face of GEMINI the training loop sees.
+
+    restore()                 at start-up: memory (local, then peers), else persistent, else fresh
+    after_step(iteration)     in the optimizer step, after the update: snapshot + replicate + persist
+    stats()                   timings for metrics.jsonl
+    close(iteration, clean)   drain background work; a clean finish frees the memory store
+
+Per iteration, only the *writer* of a shard on a machine (its lowest rank holding that
+shard) snapshots: data-parallel replicas on the same machine hold identical bytes. The
+snapshot is one copy of the live tensors into a shared-memory slot that outlives this
+process; the replicator then ships the committed slot to peer machines in the
+background, and the persister writes it to `--save` every `--save-interval` iterations.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import torch.distributed as dist
+
+from gemini_lm.gemini.placement import plan_placement, replication_plan
+from gemini_lm.gemini.persist import Persister
+from gemini_lm.gemini.recovery import RankInfo, machine_leaders
+from gemini_lm.gemini.replicator import Replicator, build_routes
+from gemini_lm.gemini.restore import restore_state
+from gemini_lm.gemini.snapshot import SnapshotLayout
+from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.training.checkpointing import check_writable
+
+
+def machine_id() -> str:
+    return os.environ.get("GEMINI_MACHINE_ID") or socket.gethostname()
+
+
+class Checkpointer:
+    def __init__(self, cfg, state, ps, logger, job_id: str):
+        self.cfg, self.state, self.ps, self.logger, self.job_id = cfg, state, ps, logger, job_id
+        g = cfg.gemini
+        self.interval = g.gemini_interval
+        self.machine = machine_id()
+        self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine)
+        self.layout = SnapshotLayout.build(state.tensors(), state.metadata)
+        me = RankInfo(ps.rank, self.machine, ps.shard_id, self.layout.layout_hash)
+        infos: list = [None] * ps.world_size
+        dist.all_gather_object(infos, me)
+        self.infos: list[RankInfo] = infos
+        self.is_writer = min(r.rank for r in infos if r.machine == self.machine
+                             and r.shard == ps.shard_id) == ps.rank
+        self.is_leader = machine_leaders(infos)[self.machine] == ps.rank
+        machines = list(dict.fromkeys(r.machine for r in sorted(infos, key=lambda r: r.rank)))
+        shard_machines: dict[str, list[str]] = {}
+        for r in infos:
+            shard_machines.setdefault(r.shard, [])
+            if r.machine not in shard_machines[r.shard]:
+                shard_machines[r.shard].append(r.machine)
+        self.placement = plan_placement(machines, g.gemini_replicas, g.gemini_placement)
+        self.routes = build_routes(infos, self.placement, replication_plan(shard_machines, self.placement))
+        # Checkpoint traffic gets a process group of its own (collective: every rank creates it).
+        self.repl_group = dist.new_group(backend="gloo") if self.routes else None
+        self.replicator: Replicator | None = None
+        self.persister: Persister | None = None
+        save = cfg.checkpoint.save
+        if save:
+            check_writable(save)
+        if save and self.is_writer and ps.dp_rank == 0:
+            self.persister = Persister(self.store, save, ps.tp_rank, ps.tp_size, finalizer=ps.rank == 0,
+                                       keep=cfg.checkpoint.save_keep, metadata=state.metadata,
+                                       log=print)
+        self._stats: dict = {}
+        self.last_record = None
+
+    # ---- start-up ---------------------------------------------------------------------
+    def restore(self) -> None:
+        result = restore_state(self, self.cfg.checkpoint.load)
+        if self.ps.rank == 0:
+            if result.record is not None:
+                self.logger.log_recovery(result.record)
+                self.logger.console(result.summary)
+            elif result.summary:
+                self.logger.console(result.summary)
+        if self.routes:
+            chunk = max(1, int(self.cfg.gemini.gemini_buffer_mb * 2**20 / self.cfg.gemini.gemini_sub_buffers))
+            self.replicator = Replicator(self.routes, self.ps.rank, self.repl_group, self.store,
+                                         self.machine, chunk_bytes=chunk)
+        if self.is_writer:
+            self.store.prepare(self.ps.shard_id, self.layout.nbytes)
+
+    # ---- every iteration --------------------------------------------------------------
+    def after_step(self, iteration: int) -> None:
+        if iteration % self.interval == 0 and self.is_writer:
+            self._snapshot(iteration)
+
+    def _snapshot(self, iteration: int) -> None:
+        t0 = time.perf_counter()
+        # The slot the previous snapshot is being sent from must not be reused under it.
+        wait_s = self.replicator.wait() if self.replicator else 0.0
+        t1 = time.perf_counter()
+        w = self.store.begin_write(self.ps.shard_id, self.layout.nbytes, self.layout.layout_hash)
+        try:
+            self.layout.write(self.state.tensors(), w.buffer)
+        except BaseException:
+            self.store.abort(w)
+            raise
+        rec = self.store.commit(w, iteration)
+        t2 = time.perf_counter()
+        self.last_record = rec
+        if self.replicator is not None:
+            self.replicator.submit(self.store.open(rec, verify=False), self.ps.shard_id)
+        c = self.cfg.checkpoint
+        if self.persister and c.save_interval and iteration % c.save_interval == 0:
+            self.persister.submit(rec)
+        self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_repl_wait_s": wait_s,
+                       "gemini_blocking_s": time.perf_counter() - t0,
+                       "gemini_snapshot_bytes": self.layout.nbytes}
+
+    def stats(self) -> dict:
+        out = dict(self._stats)
+        if self.replicator is not None and self.replicator.last_send_s is not None:
+            out["gemini_repl_send_s"] = self.replicator.last_send_s
+        if self.persister is not None and self.persister.last_persist_s is not None:
+            out["gemini_persist_s"] = self.persister.last_persist_s
+        return out
+
+    # ---- shutdown ---------------------------------------------------------------------
+    def close(self, iteration: int, clean: bool) -> None:
+        if self.replicator is not None:
+            self.replicator.wait()
+            self.replicator.close()
+            self.replicator = None
+        if self.persister is not None:
+            if clean and (self.last_record is None or self.last_record.iteration != iteration):
+                self._snapshot(iteration)
+            self.persister.wait()
+            if clean and self.persister.last_iteration != iteration:
+                self.persister.submit(self.last_record)   # always leave the final state on disk
+                self.persister.wait()
+            self.persister.close()
+        if clean:
+            dist.barrier()   # every rank is done with the store before it goes
+            if self.is_leader and not self.cfg.gemini.gemini_keep_store:
+                self.store.wipe()
+                return
+        self.store.close()

@@ -1,0 +1,96 @@
+"""Persister: writes committed in-memory snapshots to `--save` without blocking training.
+
+The training thread only hands over a commit record; a background thread pins the slot
+(the store's reader lock keeps the writer off it), copies the bytes — already a
+safetensors file — into `<save>/iter_XXXXXXX.partial/`, and drops a small sidecar with
+the file's size and checksum. The finalizer (global rank 0) waits until every
+tensor-parallel shard's sidecar is there, then writes the manifest, renames the
+directory into place and moves the tracker last (training/checkpointing.py), so a crash
+at any point leaves the previous checkpoint intact. `--save` must be a filesystem every
+writer sees (as in Megatron).
+
+If a persist is still running when the next one is due, the new one is skipped and
+counted: persistence is a fallback, it must never slow training down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+
+from gemini_lm.training.checkpointing import (finalize_checkpoint, iter_dir_name, shard_file_name,
+                                              write_bytes_atomic)
+
+
+class Persister:
+    def __init__(self, store, save_dir: str, tp_rank: int, tp_size: int, *, finalizer: bool,
+                 keep: int | None, metadata: dict, log=print, finalize_timeout_s: float = 600.0):
+        self.store, self.save_dir, self.tp_rank, self.tp_size = store, save_dir, tp_rank, tp_size
+        self.finalizer, self.keep, self.metadata, self.log = finalizer, keep, metadata, log
+        self.finalize_timeout_s = finalize_timeout_s
+        self.skipped = 0
+        self.last_persist_s: float | None = None
+        self.last_iteration: int | None = None
+        self.error: BaseException | None = None
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._loop, name="gemini-persist", daemon=True)
+        self._thread.start()
+
+    def submit(self, record) -> bool:
+        """Queue the persist of a committed record; False (and skipped) if one is still running."""
+        try:
+            self._jobs.put_nowait(record)
+            return True
+        except queue.Full:
+            self.skipped += 1
+            return False
+
+    def _loop(self) -> None:
+        while True:
+            rec = self._jobs.get()
+            try:
+                if rec is None:
+                    return
+                t0 = time.perf_counter()
+                self.persist(rec)
+                self.last_persist_s = time.perf_counter() - t0
+                self.last_iteration = rec.iteration
+            except BaseException as exc:  # noqa: BLE001 - reported, training goes on from memory
+                self.error = exc
+                self.log(f"GEMINI persist of iteration {getattr(rec, 'iteration', '?')} failed: {exc!r}")
+            finally:
+                self._jobs.task_done()
+
+    def persist(self, rec) -> None:
+        """Write one shard (and, on the finalizer, the whole checkpoint). Runs on the thread."""
+        partial = os.path.join(self.save_dir, iter_dir_name(rec.iteration) + ".partial")
+        os.makedirs(partial, exist_ok=True)
+        with self.store.open(rec, verify=False) as view:   # checksum was checked when written
+            write_bytes_atomic(os.path.join(partial, shard_file_name(self.tp_rank)), view.buffer)
+        side = {"file": shard_file_name(self.tp_rank), "nbytes": rec.nbytes, "checksum": rec.checksum}
+        write_bytes_atomic(os.path.join(partial, f"tp_rank_{self.tp_rank:02d}.json"), json.dumps(side).encode())
+        if self.finalizer:
+            self._finalize(rec.iteration, partial)
+
+    def _finalize(self, iteration: int, partial: str) -> None:
+        deadline = time.monotonic() + self.finalize_timeout_s
+        sides = [os.path.join(partial, f"tp_rank_{r:02d}.json") for r in range(self.tp_size)]
+        while not all(os.path.exists(p) for p in sides):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{partial}: shards missing after {self.finalize_timeout_s:.0f}s")
+            time.sleep(0.05)
+        shards = {}
+        for r, p in enumerate(sides):
+            shards[f"tp{r:02d}"] = json.load(open(p))
+            os.remove(p)
+        finalize_checkpoint(self.save_dir, iteration, self.tp_size, shards,
+                            {"metadata": self.metadata}, self.keep)
+
+    def wait(self) -> None:
+        self._jobs.join()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()

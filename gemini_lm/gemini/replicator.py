@@ -1,0 +1,184 @@
+"""Replicator: copies committed snapshots into peer machines' stores, in the background.
+
+Every rank computes the same routes from the placement plan: (shard, sender rank,
+receiver rank). The sender is the rank that writes the shard on its machine; the
+receiver is the lowest rank of the destination machine, which writes the replica into
+that machine's store. Traffic runs on a process group of its own, from threads, so
+training collectives never queue behind checkpoint bytes.
+
+Wire format per snapshot: a fixed-size header (JSON in a uint8 tensor: iteration,
+nbytes, checksum, layout hash, sender machine), then the payload in chunks. The
+receiver writes chunks straight into the store's slot and commits only after the last
+one with the sender's checksum, so a replica is never visible half-written. An
+iteration of -1 in the header ends the stream.
+
+Sending is asynchronous: `submit()` hands a committed slot to the sender thread and
+returns; `wait()` blocks until the previous snapshot is fully sent. The checkpointer
+calls `wait()` before reusing a slot, so the slot being sent is never overwritten.
+A `gate` callable (the interleaving scheduler) may hold each chunk until its gap.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+HEADER_BYTES = 512
+STOP = -1
+
+
+@dataclass(frozen=True)
+class Route:
+    shard: str
+    src_rank: int
+    dst_rank: int
+    src_machine: str
+    dst_machine: str
+
+
+def _encode_header(obj: dict) -> torch.Tensor:
+    raw = json.dumps(obj).encode()
+    if len(raw) > HEADER_BYTES:
+        raise ValueError("replication header too large")
+    out = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    out[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return out
+
+
+def _decode_header(t: torch.Tensor) -> dict:
+    raw = bytes(t.numpy().tobytes()).rstrip(b"\x00")
+    return json.loads(raw)
+
+
+class Replicator:
+    def __init__(self, routes: list[Route], rank: int, group, store, machine_id: str,
+                 chunk_bytes: int, gate: Callable[[int], None] | None = None, log=print):
+        self.rank, self.group, self.store = rank, group, store
+        self.machine_id, self.chunk_bytes, self.gate, self.log = machine_id, chunk_bytes, gate, log
+        self.out_routes = [r for r in routes if r.src_rank == rank]
+        self.in_routes = [r for r in routes if r.dst_rank == rank]
+        self.error: BaseException | None = None
+        self.bytes_sent = 0
+        self.last_send_s: float | None = None
+        self.received: dict[str, int] = {}          # shard -> newest committed replica iteration
+        self._jobs: queue.Queue = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._threads = []
+        if self.out_routes:
+            self._threads.append(threading.Thread(target=self._send_loop, name="gemini-send", daemon=True))
+        for r in self.in_routes:
+            self._threads.append(threading.Thread(target=self._recv_loop, args=(r,),
+                                                  name=f"gemini-recv-{r.shard}", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    # ---- sending ----------------------------------------------------------------------
+    def submit(self, view, shard: str) -> None:
+        """Send a pinned committed snapshot (store.SnapshotView) to this shard's peers; the
+        view is closed once sent."""
+        routes = [r for r in self.out_routes if r.shard == shard]
+        if not routes:
+            view.close()
+            return
+        self._raise_if_failed()
+        self._idle.clear()
+        self._jobs.put((view, routes))
+
+    def wait(self) -> float:
+        """Block until everything submitted is sent; returns the seconds spent waiting."""
+        t0 = time.perf_counter()
+        self._idle.wait()
+        self._raise_if_failed()
+        return time.perf_counter() - t0
+
+    def _send_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            view, routes = job
+            try:
+                t0 = time.perf_counter()
+                rec = view.record
+                for r in routes:
+                    self._send_one(view.buffer, rec, r)
+                self.last_send_s = time.perf_counter() - t0
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the training thread
+                self.error = exc
+            finally:
+                view.close()
+                if self._jobs.empty():
+                    self._idle.set()
+
+    def _send_one(self, buffer, rec, route: Route) -> None:
+        header = {"iteration": rec.iteration, "nbytes": rec.nbytes, "checksum": rec.checksum,
+                  "layout_hash": rec.layout_hash, "machine": self.machine_id}
+        dist.send(_encode_header(header), route.dst_rank, group=self.group)
+        data = torch.frombuffer(buffer, dtype=torch.uint8)
+        for off in range(0, rec.nbytes, self.chunk_bytes):
+            if self.gate is not None:
+                self.gate(min(self.chunk_bytes, rec.nbytes - off))
+            dist.send(data[off:off + self.chunk_bytes], route.dst_rank, group=self.group)
+            self.bytes_sent += min(self.chunk_bytes, rec.nbytes - off)
+
+    # ---- receiving --------------------------------------------------------------------
+    def _recv_loop(self, route: Route) -> None:
+        header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        while True:
+            try:
+                dist.recv(header, route.src_rank, group=self.group)
+                h = _decode_header(header)
+                if h["iteration"] == STOP:
+                    return
+                w = self.store.begin_write(route.shard, h["nbytes"], h["layout_hash"])
+                try:
+                    for off in range(0, h["nbytes"], self.chunk_bytes):
+                        # Receive straight into shared memory: no bounce buffer on CPU.
+                        dist.recv(w.buffer[off:off + self.chunk_bytes], route.src_rank, group=self.group)
+                except BaseException:
+                    self.store.abort(w)
+                    raise
+                self.store.commit(w, h["iteration"], checksum=h["checksum"], source=h["machine"])
+                self.received[route.shard] = h["iteration"]
+            except BaseException as exc:  # noqa: BLE001 - a dead peer ends the stream
+                self.error = exc
+                return
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"GEMINI replication failed: {self.error!r}") from self.error
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish pending sends, tell receivers to stop, join the threads."""
+        if self.out_routes:
+            self._idle.wait(timeout)
+            stop = _encode_header({"iteration": STOP})
+            for r in self.out_routes:
+                try:
+                    dist.send(stop, r.dst_rank, group=self.group)
+                except Exception:  # noqa: BLE001 - peer already gone
+                    pass
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(timeout)
+
+
+def build_routes(rank_infos, placement, replication_plan) -> list[Route]:
+    """Turn (shard, src_machine, dst_machine) sends into rank-to-rank routes."""
+    by_machine_shard: dict[tuple[str, str], int] = {}
+    leaders: dict[str, int] = {}
+    for r in sorted(rank_infos, key=lambda r: r.rank):
+        by_machine_shard.setdefault((r.machine, r.shard), r.rank)
+        leaders.setdefault(r.machine, r.rank)
+    routes = []
+    for shard, sends in sorted(replication_plan.items()):
+        for src_m, dst_m in sends:
+            routes.append(Route(shard, by_machine_shard[(src_m, shard)], leaders[dst_m], src_m, dst_m))
+    return routes
