@@ -1,0 +1,146 @@
+"""Data-parallel gradient sync in the style of megatron/core: flat buffers, buckets, overlap.
+
+Every trainable parameter gets `param.main_grad`, a view into one contiguous gradient
+buffer (fp32 by default, whatever the parameter dtype), so bf16/fp16 models accumulate
+micro-batches in fp32 and the optimizer reads gradients without another copy.
+
+The buffer is cut into buckets of about `bucket_size_mb`. Parameters are laid out in
+reverse registration order, roughly the order backward produces their gradients, so the
+buckets fill one after another while backward runs. When the last gradient of a bucket
+has been accumulated, its all-reduce is launched asynchronously on the DP group and
+overlaps the rest of backward; `finish_grad_sync()` waits for all of them.
+
+Every bucket all-reduce is recorded on `ps.timeline` (group "dp"), from its launch to the
+moment its `wait()` returns: the host cannot know it finished any earlier, so the span
+errs on the side of "busy", which is the safe side for GEMINI's traffic scheduler.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gemini_lm.parallel.state import ParallelState
+
+
+class _Bucket:
+    """Parameters whose gradients are all-reduced together as one slice of the buffer."""
+
+    def __init__(self, index: int, params: list[nn.Parameter], data: torch.Tensor):
+        self.index = index
+        self.params = params
+        self.data = data                      # flat view into the grad buffer
+        self.ready: set[int] = set()          # id() of params whose grad is final this step
+        self.launched = False
+        self.handle = None                    # async work while the all-reduce is in flight
+        self.launch_time = 0.0                # time.perf_counter() at launch
+
+
+class DistributedDataParallel(nn.Module):
+    """Wraps `module`; forward is the module's. Gradients end up in `param.main_grad`,
+    averaged over the data-parallel group once `finish_grad_sync()` returns."""
+
+    def __init__(self, module: nn.Module, ps: ParallelState, *, bucket_size_mb: float = 25.0,
+                 grad_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if bucket_size_mb <= 0:
+            raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}")
+        self.module = module
+        self.ps = ps
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("module has no trainable parameters")
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise ValueError(f"parameters live on several devices: {sorted(map(str, devices))}")
+
+        total = sum(p.numel() for p in self.params)
+        self.grad_buffer = torch.zeros(total, dtype=grad_dtype, device=self.params[0].device)
+        bucket_numel = max(1, int(bucket_size_mb * 2 ** 20) // self.grad_buffer.element_size())
+
+        # Lay params out back to front; close a bucket once it reaches bucket_numel.
+        # A parameter is never split across buckets.
+        self.buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        members: list[nn.Parameter] = []
+        start = offset = 0
+        for p in reversed(self.params):
+            p.main_grad = self.grad_buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            members.append(p)
+            if offset - start >= bucket_numel or offset == total:
+                bucket = _Bucket(len(self.buckets), members, self.grad_buffer[start:offset])
+                self.buckets.append(bucket)
+                self._bucket_of.update({id(q): bucket for q in members})
+                members, start = [], offset
+
+        self._sync_enabled = True
+        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
+                              for p in self.params]
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        # Called by autograd once param.grad holds this backward's complete gradient.
+        bucket = self._bucket_of[id(param)]
+        if bucket.launched:
+            raise RuntimeError(
+                "a gradient arrived for a bucket whose all-reduce was already launched: call "
+                "zero_grad_buffer() after each step and wrap all but the last micro-batch in no_sync()")
+        param.main_grad.add_(param.grad)
+        param.grad = None   # main_grad is the gradient from here on; free the temporary
+        if not self._sync_enabled:
+            return
+        bucket.ready.add(id(param))
+        if len(bucket.ready) == len(bucket.params):
+            self._launch(bucket)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.launched = True
+        if self.ps.dp_size == 1:
+            return
+        # Divide before summing, as Megatron does: the sum is then already the mean and a
+        # low-precision buffer cannot overflow in the reduction.
+        bucket.data.div_(self.ps.dp_size)
+        bucket.launch_time = time.perf_counter()
+        bucket.handle = dist.all_reduce(bucket.data, group=self.ps.dp_group, async_op=True)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation: backward passes inside only accumulate into main_grad."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def finish_grad_sync(self) -> None:
+        """Launch buckets that are not launched yet (e.g. holding unused params), then wait
+        for every all-reduce. Idempotent until the next zero_grad_buffer()."""
+        for bucket in self.buckets:
+            if not bucket.launched:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                self.ps.timeline.record("all_reduce", "dp",
+                                        bucket.data.numel() * bucket.data.element_size(),
+                                        bucket.launch_time, time.perf_counter())
+                bucket.handle = None
+
+    def zero_grad_buffer(self) -> None:
+        """Zero every main_grad and re-arm the buckets for the next step."""
+        if any(b.handle is not None for b in self.buckets):
+            raise RuntimeError("zero_grad_buffer() while all-reduces are in flight: "
+                               "call finish_grad_sync() first")
+        self.grad_buffer.zero_()
+        for p in self.params:
+            p.grad = None
+        for bucket in self.buckets:
+            bucket.ready.clear()
+            bucket.launched = False
