@@ -95,17 +95,15 @@ def model_parallel_seed(seed: int, ps: ParallelState) -> RNGStatesTracker:
     return tracker
 
 
-def _cuda_device(tracker: RNGStatesTracker) -> torch.device:
-    if tracker.device.type == "cuda":
-        return tracker.device
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def get_rng_state_tensors(tracker: RNGStatesTracker) -> dict[str, torch.Tensor]:
-    """Every RNG state of this process as CPU tensors, keyed "rng/..."."""
+    """Every RNG state of this process as CPU tensors, keyed "rng/...".
+
+    The CUDA state is included when the run uses CUDA (the tracker's device): a CPU run
+    on a GPU host then neither creates a CUDA context nor changes its snapshot layout.
+    """
     out = {"rng/torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["rng/torch_cuda"] = torch.cuda.get_rng_state(_cuda_device(tracker))
+    if tracker.device.type == "cuda":
+        out["rng/torch_cuda"] = torch.cuda.get_rng_state(tracker.device)
 
     kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     assert kind == "MT19937", kind
@@ -130,12 +128,14 @@ def set_rng_state_tensors(tensors: dict[str, torch.Tensor], tracker: RNGStatesTr
     missing = [key for key in _REQUIRED_KEYS if key not in tensors]
     if missing:
         raise KeyError(f"RNG state tensors lack {missing}")
-    if "rng/torch_cuda" in tensors and not torch.cuda.is_available():
-        raise ValueError("the saved RNG state includes CUDA, but CUDA is not available")
+    saved_on_cuda = "rng/torch_cuda" in tensors
+    if saved_on_cuda != (tracker.device.type == "cuda"):
+        raise ValueError(f"RNG state saved on {'CUDA' if saved_on_cuda else 'CPU'} cannot be "
+                         f"restored into a run on {tracker.device}")
 
     torch.set_rng_state(tensors["rng/torch_cpu"].to(torch.uint8))
-    if "rng/torch_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng/torch_cuda"].to(torch.uint8), _cuda_device(tracker))
+    if saved_on_cuda:
+        torch.cuda.set_rng_state(tensors["rng/torch_cuda"].to(torch.uint8), tracker.device)
 
     np.random.set_state((
         "MT19937",

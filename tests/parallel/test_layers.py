@@ -5,7 +5,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from gemini_lm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from gemini_lm.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from gemini_lm.parallel.state import ParallelState
 from gemini_lm.parallel.utils import divide, shard_tensor, unshard_tensors
 from tests.dist import run_ranks

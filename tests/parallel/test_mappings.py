@@ -75,8 +75,9 @@ def test_regions_are_identity_without_tp():
                        tp_group=None, dp_group=None, tp_ranks=[0], dp_ranks=[0])
     ps.timeline.begin_iteration(0)
     x = torch.randn(2, 3, requires_grad=True)
-    for region in (copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
-                   scatter_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region):
+    regions = (copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+               scatter_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region)
+    for region in regions:
         assert region(x, ps) is x
     ps.timeline.end_iteration()
     assert ps.timeline.iterations()[0].spans == []

@@ -64,12 +64,16 @@ def test_rng_state_round_trip_is_bit_exact_through_safetensors():
     _assert_same(first[0], _draw(fresh))
 
 
-def test_restore_rejects_incomplete_state():
+def test_restore_rejects_incomplete_or_foreign_state():
     tracker = model_parallel_seed(7, _ps(0))
     saved = get_rng_state_tensors(tracker)
     del saved["rng/numpy/pos"]
     with pytest.raises(KeyError, match="rng/numpy/pos"):
         set_rng_state_tensors(saved, tracker)
+    on_cuda = get_rng_state_tensors(tracker)
+    on_cuda["rng/torch_cuda"] = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="saved on CUDA"):
+        set_rng_state_tensors(on_cuda, tracker)       # a CPU run cannot take a GPU run's RNG
 
 
 def test_default_stream_shared_by_all_ranks_tp_stream_per_tp_rank():
