@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -190,6 +191,7 @@ class MemoryStore:
             _make_private_dir(p)
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._writing: dict[str, WriteHandle] = {}
+        self._lock = threading.RLock()   # writer bookkeeping; commits may come from another thread
 
     # ---- paths and records ------------------------------------------------------------
     def _payload_path(self, shard: str, slot: str) -> str:
@@ -278,45 +280,54 @@ class MemoryStore:
     def begin_write(self, shard: str, nbytes: int, layout_hash: str) -> WriteHandle:
         """Take a slot for a new snapshot of `shard` and un-commit it; fill `.buffer`, then commit()."""
         _check_id("shard id", shard, _SHARD_ID)
-        if shard in self._writing:
-            raise RuntimeError(f"{shard}: a write is already in progress")
-        for slot in self._reusable_slots(shard):
-            s = self._slot(shard, slot)
+        with self._lock:
+            if shard in self._writing:
+                raise RuntimeError(f"{shard}: a write is already in progress")
+            for slot in self._reusable_slots(shard):
+                s = self._slot(shard, slot)
+                try:
+                    fcntl.flock(s.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    continue   # pinned by a reader
+            else:
+                raise RuntimeError(f"{shard}: every slot is pinned by readers")
             try:
-                fcntl.flock(s.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                continue   # pinned by a reader
-        else:
-            raise RuntimeError(f"{shard}: every slot is pinned by readers")
-        try:
-            _unlink(self._record_path(shard, slot))   # from here on a crash leaves no record for this slot
-            self._map(s, nbytes)
-        except BaseException:
-            fcntl.flock(s.fd, fcntl.LOCK_UN)
-            raise
-        w = self._writing[shard] = WriteHandle(shard, slot, nbytes, layout_hash, s.buffer)
-        return w
+                _unlink(self._record_path(shard, slot))   # from here on a crash leaves no record for this slot
+                self._map(s, nbytes)
+            except BaseException:
+                fcntl.flock(s.fd, fcntl.LOCK_UN)
+                raise
+            w = self._writing[shard] = WriteHandle(shard, slot, nbytes, layout_hash, s.buffer)
+            return w
 
     def commit(self, w: WriteHandle, iteration: int, checksum: str | None = None,
                source: str = "local") -> CommitRecord:
-        """Publish a completely written slot; computes the checksum unless the caller has it."""
+        """Publish a completely written slot; computes the checksum unless the caller has it.
+
+        The training state is no longer involved once the slot is written, so the caller
+        may commit from a background thread (taking the checksum off the training step);
+        the next begin_write of the shard must wait for that commit.
+        """
         if w.done or self._writing.get(w.shard) is not w:
             raise RuntimeError(f"{w.shard}.{w.slot}: not an open write")
         s = self._slots[(w.shard, w.slot)]
-        rec = CommitRecord(shard=w.shard, slot=w.slot, iteration=int(iteration),
-                           checksum=checksum if checksum is not None else compute_checksum(s.mm),
+        if checksum is None:
+            checksum = compute_checksum(s.mm)
+        rec = CommitRecord(shard=w.shard, slot=w.slot, iteration=int(iteration), checksum=checksum,
                            nbytes=w.nbytes, job_id=self.job_id, layout_hash=w.layout_hash,
                            source=source, time=time.time())
-        _write_json_atomic(self._record_path(w.shard, w.slot), rec.to_dict())
-        self._finish(w, s)
-        self._reclaim_spares(w.shard)
+        with self._lock:
+            _write_json_atomic(self._record_path(w.shard, w.slot), rec.to_dict())
+            self._finish(w, s)
+            self._reclaim_spares(w.shard)
         return rec
 
     def abort(self, w: WriteHandle) -> None:
         """Give up a write; the slot stays uncommitted."""
-        if not w.done and self._writing.get(w.shard) is w:
-            self._finish(w, self._slots[(w.shard, w.slot)])
+        with self._lock:
+            if not w.done and self._writing.get(w.shard) is w:
+                self._finish(w, self._slots[(w.shard, w.slot)])
 
     def _finish(self, w: WriteHandle, s: _Slot) -> None:
         fcntl.flock(s.fd, fcntl.LOCK_UN)
@@ -343,16 +354,18 @@ class MemoryStore:
 
     def prepare(self, shard: str, nbytes: int) -> None:
         """Create and pre-fault both slots of `shard` ahead of the first snapshot (optional)."""
-        committed = {r.slot for r in self.records(shard)}
-        for slot in SLOT_NAMES[:2]:
-            if slot in committed:
-                continue
-            s = self._slot(shard, slot)
-            fcntl.flock(s.fd, fcntl.LOCK_EX)
-            try:
-                self._map(s, nbytes)
-            finally:
-                fcntl.flock(s.fd, fcntl.LOCK_UN)
+        _check_id("shard id", shard, _SHARD_ID)
+        with self._lock:
+            committed = {r.slot for r in self.records(shard)}
+            for slot in SLOT_NAMES[:2]:
+                if slot in committed or (shard in self._writing and self._writing[shard].slot == slot):
+                    continue
+                s = self._slot(shard, slot)
+                fcntl.flock(s.fd, fcntl.LOCK_EX)
+                try:
+                    self._map(s, nbytes)
+                finally:
+                    fcntl.flock(s.fd, fcntl.LOCK_UN)
 
     # ---- reading --------------------------------------------------------------------
     def open(self, record: CommitRecord, verify: bool = True) -> SnapshotView:
@@ -397,11 +410,12 @@ class MemoryStore:
     # ---- lifetime -------------------------------------------------------------------
     def close(self) -> None:
         """Unmap this process's slots; the snapshots stay in shared memory."""
-        for w in list(self._writing.values()):
-            self.abort(w)
-        for s in self._slots.values():
-            s.close()
-        self._slots.clear()
+        with self._lock:
+            for w in list(self._writing.values()):
+                self.abort(w)
+            for s in self._slots.values():
+                s.close()
+            self._slots.clear()
 
     def wipe(self) -> None:
         """Delete this machine's snapshots (clean finish, or its memory is lost with the hardware)."""

@@ -196,3 +196,30 @@ def test_wipe_removes_the_machine(tmp_path):
     other.wipe()
     assert os.listdir(root) == []               # the job directory went with its last machine
     assert MemoryStore(root, "job1", "machine0").records() == []
+
+
+def test_prepare_sizes_both_slots_without_committing(store):
+    store.prepare("tp00", LAYOUT.nbytes)
+    assert [f for f in _files(store)] == ["tp00.a.bin", "tp00.b.bin"]
+    assert all(os.path.getsize(os.path.join(store.path, f)) == LAYOUT.nbytes for f in _files(store))
+    assert store.records() == []
+    _snapshot(store, 1)
+    store.prepare("tp00", LAYOUT.nbytes)        # leaves the committed slot alone
+    with store.open(store.latest("tp00")) as view:
+        assert bytes(view.buffer) == _expected_bytes(1)
+
+
+def test_commit_from_a_background_thread(store):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for it in range(1, 5):
+            if pending is not None:
+                pending.result()                # the next snapshot waits for the previous commit
+            w = store.begin_write("tp00", LAYOUT.nbytes, LAYOUT.layout_hash)
+            LAYOUT.write(_state(it), w.buffer)
+            pending = pool.submit(store.commit, w, it)
+        rec = pending.result()
+    assert (rec.iteration, rec.slot) == (4, "b")
+    with store.open(rec) as view:
+        assert bytes(view.buffer) == _expected_bytes(4)
