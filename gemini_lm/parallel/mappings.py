@@ -46,6 +46,8 @@ def _split_last_dim(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
 def _gather_last_dim(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(ps.tp_size)]
+    # A list all-gather rather than all_gather_into_tensor: same call on gloo and NCCL
+    # across torch versions. Recorded size: the gathered tensor.
     with ps.timeline.span("all_gather", "tp", _nbytes(x) * ps.tp_size):
         dist.all_gather(parts, x, group=ps.tp_group)
     return torch.cat(parts, dim=-1)

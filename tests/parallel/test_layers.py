@@ -11,7 +11,7 @@ from gemini_lm.parallel.layers import (
     VocabParallelEmbedding,
 )
 from gemini_lm.parallel.state import ParallelState
-from gemini_lm.parallel.utils import divide, shard_tensor, unshard_tensors
+from gemini_lm.parallel.utils import divide, is_tensor_parallel, shard_tensor, unshard_tensors
 from tests.dist import run_ranks
 
 SEED = 1234
@@ -100,6 +100,7 @@ def _check_row(ps: ParallelState, input_is_parallel: bool) -> None:
     assert_close(layer.bias.grad, ref.bias.grad)
     assert (layer.weight.tensor_model_parallel, layer.weight.partition_dim) == (True, 1)
     assert layer.bias.tensor_model_parallel is False
+    assert is_tensor_parallel(layer.weight) and not is_tensor_parallel(layer.bias)
 
     # skip_bias_add hands the bias back unadded.
     layer.skip_bias_add = True
