@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -121,6 +122,9 @@ def preprocess_jsonl(input_path: str, output_prefix: str, tokenizer_kwargs: dict
         raise UsageError(f"cannot read --input {input_path}: {e.strerror}") from None
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--output-prefix {output_prefix}: directory {out_dir} does not exist")
     encoder = _Encoder(dict(tokenizer_kwargs), list(json_keys), split_sentences,
                        keep_newlines, append_eod)
     encoder.initialize()  # fail fast on a bad tokenizer, and learn its vocabulary size

@@ -49,7 +49,8 @@ def corpus_documents() -> list[str]:
 
     documents = [topics[key] for key in sorted(topics)]
     stdlib = sysconfig.get_paths()["stdlib"]
-    for name in sorted(os.listdir(stdlib)):
+    names = sorted(os.listdir(stdlib)) if os.path.isdir(stdlib) else []
+    for name in names:
         if not name.endswith(".py"):
             continue
         try:

@@ -187,6 +187,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
 
     if model_type not in ("bpe", "unigram"):
         raise UsageError(f"--model-type must be bpe or unigram, got {model_type!r}")
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--output-prefix {model_prefix}: directory {out_dir} does not exist")
     # SentencePiece trains on lines; a newline is left to the byte fallback.
     lines = (line for text in texts for line in text.split("\n") if line.strip())
     tmp_prefix = f"{model_prefix}.tmp-{os.getpid()}"

@@ -68,11 +68,11 @@ def test_split_sentences(tmp_path, sp_model):
     assert ds[6].tolist() == tok.tokenize("Only one.") + [tok.eod]
 
 
-@pytest.mark.parametrize("case", ["missing", "bad_json", "no_key", "tokenizer"])
+@pytest.mark.parametrize("case", ["missing", "bad_json", "no_key", "tokenizer", "out_dir"])
 def test_bad_input_exits_2_without_output(tmp_path, sp_model, case):
     good = {"text": "fine"}
     lines = {"missing": None, "bad_json": None, "no_key": [good, {"body": "x"}],
-             "tokenizer": [good]}[case]
+             "tokenizer": [good], "out_dir": [good]}[case]
     jsonl = tmp_path / "in.jsonl"
     if case == "bad_json":
         jsonl.write_text('{"text": "ok"}\n' * 100 + '{"text": broken\n')
@@ -80,14 +80,15 @@ def test_bad_input_exits_2_without_output(tmp_path, sp_model, case):
         write_jsonl(jsonl, lines)
     tokenizer = "NoSuchTokenizer" if case == "tokenizer" else "SentencePieceTokenizer"
     before = set(os.listdir(tmp_path))
+    out = tmp_path / "no_such_dir" / "out" if case == "out_dir" else tmp_path / "out"
     result = run_tool("preprocess_data.py", "--input", jsonl, "--output-prefix",
-                      tmp_path / "out", "--tokenizer-type", tokenizer, "--tokenizer-model",
+                      out, "--tokenizer-type", tokenizer, "--tokenizer-model",
                       sp_model, "--workers", 2)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     expected = {"missing": "cannot read --input", "bad_json": "in.jsonl:101 is not valid JSON",
                 "no_key": "in.jsonl:2 has no string field 'text'",
-                "tokenizer": "unknown tokenizer type"}[case]
+                "tokenizer": "unknown tokenizer type", "out_dir": "does not exist"}[case]
     assert expected in result.stderr
     assert set(os.listdir(tmp_path)) == before  # no .bin/.idx, no temporary files
 
