@@ -223,3 +223,16 @@ def test_commit_from_a_background_thread(store):
     assert (rec.iteration, rec.slot) == (4, "b")
     with store.open(rec) as view:
         assert bytes(view.buffer) == _expected_bytes(4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_slots_take_cuda_state(tmp_path):
+    store = MemoryStore(str(tmp_path / "shm"), "job1", "machine0", pin_memory=True)
+    state = {k: v.cuda() for k, v in _state(2).items()}
+    w = store.begin_write("tp00", LAYOUT.nbytes, LAYOUT.layout_hash)
+    assert w.buffer.is_pinned()
+    LAYOUT.write(state, w.buffer)
+    rec = store.commit(w, 2)
+    with store.open(rec) as view:
+        assert bytes(view.buffer) == _expected_bytes(2)
+    store.wipe()
