@@ -77,11 +77,13 @@ def as_byte_tensor(buf, writable: bool = False) -> torch.Tensor:
         return torch.frombuffer(mv, dtype=torch.uint8)
 
 
-def _view(data: torch.Tensor, e: Entry) -> torch.Tensor:
+def _view(data: torch.Tensor, e: Entry, writable: bool = False) -> torch.Tensor:
     """The tensor `e` inside the flat uint8 tensor `data`, without copying."""
     raw = data[e.offset:e.offset + e.nbytes]
     if raw.storage_offset() % e.dtype.itemsize or raw.data_ptr() % e.dtype.itemsize:
-        raw = raw.clone()   # a foreign file with a misaligned tensor: copy rather than fail
+        if writable:
+            raise ValueError(f"buffer at {data.data_ptr():#x} leaves {e.dtype} tensors misaligned")
+        raw = raw.clone()   # reading a foreign file with a misaligned tensor: copy rather than fail
     return raw.view(e.dtype).view(e.shape)
 
 
@@ -172,7 +174,7 @@ class SnapshotLayout:
     def write(self, tensors: Mapping[str, torch.Tensor], out) -> None:
         """Copy header and every tensor (any device) into `out`, a writable buffer of `nbytes`.
 
-        The per-step hot path: one `copy_` per tensor into a view of `out`, no staging.
+        The per-step hot path: every tensor copied straight into its view of `out`, no staging.
         CUDA sources are copied device-to-host asynchronously when `out` is pinned, then
         synchronized, so `out` is complete when this returns.
         """
@@ -188,7 +190,7 @@ class SnapshotLayout:
             if src.dtype != e.dtype or src.shape != e.shape:
                 raise ValueError(f"{name}: got {src.dtype} {list(src.shape)}, layout has {e.dtype} {list(e.shape)}")
             srcs.append(src)
-            dsts.append(_view(dst, e))
+            dsts.append(_view(dst, e, writable=True))
         dst[:len(self.header)].copy_(self._header_tensor)
         # One call for all copies: per-tensor Python dispatch was ~15% of a 64 MB snapshot.
         non_blocking = torch.cuda.is_available() and dst.is_pinned()

@@ -189,3 +189,10 @@ def test_cuda_state_into_pinned_buffer():
     dst = {k: torch.zeros_like(v) for k, v in state.items()}
     load_into(dst, out)
     _assert_same({k: v.cpu() for k, v in dst.items()}, {k: v.cpu() for k, v in state.items()})
+
+
+def test_write_refuses_a_misaligned_buffer():
+    layout = SnapshotLayout.build(_state(), META)
+    backing = bytearray(layout.nbytes + 1)
+    with pytest.raises(ValueError, match="misaligned"):
+        layout.write(_state(), memoryview(backing)[1:])
