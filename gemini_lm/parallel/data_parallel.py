@@ -41,7 +41,10 @@ class _Bucket:
 
 class DistributedDataParallel(nn.Module):
     """Wraps `module`; forward is the module's. Gradients end up in `param.main_grad`,
-    averaged over the data-parallel group once `finish_grad_sync()` returns."""
+    averaged over the data-parallel group once `finish_grad_sync()` returns.
+
+    Wrap after moving the module to its device and dtype: the buffer and the main_grad
+    views are made here, for the parameters as they are now."""
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, bucket_size_mb: float = 25.0,
                  grad_dtype: torch.dtype = torch.float32):

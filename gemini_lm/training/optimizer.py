@@ -98,6 +98,8 @@ def _init_adam_state(adam: torch.optim.AdamW) -> None:
 
 
 class MegatronOptimizer:
+    """AdamW over (name, param) pairs; build it with `build_optimizer`. See the module doc."""
+
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], ps: ParallelState, *,
                  lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
                  clip_grad: float, grad_scaler: MegatronGradScaler | None,
