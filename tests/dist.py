@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import traceback
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,8 @@ def _entry(rank, fn, world_size, init_file, timeout_s, args, queue):
 
 def run_ranks(fn, world_size: int, tmp_path, args=(), timeout_s: float = 60.0):
     """Spawn `world_size` processes running fn(rank, world_size, *args); return list of results."""
-    init_file = os.path.join(str(tmp_path), f"dist_init_{os.getpid()}_{id(fn)}")
+    # A fresh rendezvous file per world: a FileStore left by an earlier world holds stale keys.
+    init_file = os.path.join(str(tmp_path), f"dist_init_{uuid.uuid4().hex}")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(r, fn, world_size, init_file, timeout_s, args, queue))
@@ -55,10 +57,13 @@ def run_ranks(fn, world_size: int, tmp_path, args=(), timeout_s: float = 60.0):
         errors.append(f"ranks did not report in time: {exc!r}")
     finally:
         for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
+            # A busy 2-core machine can take seconds to tear a rank down; only cut short on error.
+            p.join(timeout=timeout_s if not errors else 0.5)
             if p.is_alive():
                 p.kill()
                 p.join()
+    if os.path.exists(init_file):
+        os.remove(init_file)
     if errors:
         raise AssertionError("\n".join(errors))
     dead = [p.exitcode for p in procs if p.exitcode not in (0, None)]
