@@ -162,7 +162,8 @@ def main() -> None:
 
     med = statistics.median
     print(f"threads={args.threads}  disk={args.dir} ({filesystem_of(args.dir)})  shm={args.shm} "
-          f"({filesystem_of(os.path.dirname(args.shm))})  reps={args.reps}, median seconds the loop is blocked")
+          f"({filesystem_of(os.path.dirname(args.shm))})  reps={args.reps}  cpus={os.cpu_count()} "
+          f"load={os.getloadavg()[0]:.1f}: median seconds the loop is blocked")
     print(f"{'state':<10} {'MB':>8} {'method':<12} {'blocked s':>10} {'GB/s':>7} {'x gemini':>9}")
     for r in results:
         g = med(r["gemini_s"])
@@ -183,6 +184,7 @@ def main() -> None:
                 "torch_save_s": med(r["torch_save_s"]), "async_save_s": med(r["async_save_s"]),
                 "memcpy_s": med(r["memcpy_s"]), "gemini_bg_commit_s": med(r["gemini_bg_commit_s"]),
                 "fraction_of_memcpy_bandwidth_bg_commit": med(r["memcpy_s"]) / med(r["gemini_bg_commit_s"]),
+                "ratio_torch_save_over_gemini_bg_commit": med(r["torch_save_s"]) / med(r["gemini_bg_commit_s"]),
                 "ratio_torch_save_over_gemini": med(r["torch_save_s"]) / g,
                 "ratio_async_save_over_gemini": med(r["async_save_s"]) / g,
                 "fraction_of_memcpy_bandwidth": med(r["memcpy_s"]) / g,
@@ -191,7 +193,7 @@ def main() -> None:
 
     out = summary(results[-1])
     out.update(state=results[-1]["state"], threads=args.threads, checksum_on_blocking_path=True,
-               tiny=summary(results[0]))
+               load_average=os.getloadavg()[0], tiny=summary(results[0]))
     print(json.dumps(out))
 
 
