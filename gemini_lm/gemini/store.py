@@ -353,6 +353,8 @@ class MemoryStore:
     def _reclaim_spares(self, shard: str) -> None:
         """Back to two slots: delete slots other than the two newest that no reader pins."""
         names = self._slot_names(shard)
+        if len(names) <= 2:
+            return
         keep = {r.slot for r in self.records(shard)[-2:]}
         for slot in sorted(names - keep):
             if len(names) <= 2:
