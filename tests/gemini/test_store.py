@@ -236,3 +236,10 @@ def test_pinned_slots_take_cuda_state(tmp_path):
     with store.open(rec) as view:
         assert bytes(view.buffer) == _expected_bytes(2)
     store.wipe()
+
+
+def test_slot_payload_file_is_a_safetensors_file(store):
+    import safetensors.torch
+    _snapshot(store, 6)
+    loaded = safetensors.torch.load_file(os.path.join(store.path, "tp00.a.bin"))
+    assert set(loaded) == set(_state(6)) and torch.equal(loaded["w"], _state(6)["w"])
