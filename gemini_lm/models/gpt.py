@@ -45,11 +45,15 @@ class GPTModel(nn.Module):
         self.wpe = nn.Embedding.from_pretrained(wpe.to(ps.device, dtype), freeze=False)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.transformer = ParallelTransformer(config, ps, tracker)
-        # This rank's slice [start, end) of logits that belong to vocab padding, if masked.
+        # With orig_vocab_size set, the output layer gets a constant bias of -inf on the
+        # logits of padding ids in this rank's vocab slice (cheaper than masking in place).
         first, last = self.wte.vocab_start_index, self.wte.vocab_end_index
         orig = config.orig_vocab_size if config.orig_vocab_size is not None else last
-        self.padding_start = min(max(orig, first), last) - first
-        self.padding_end = last - first
+        padding_bias = None
+        if orig < last:
+            padding_bias = torch.zeros(last - first, device=ps.device, dtype=dtype)
+            padding_bias[max(orig, first) - first:] = float("-inf")
+        self.register_buffer("output_padding_bias", padding_bias, persistent=False)
 
         for param in self.parameters():  # mark replicas explicitly, as the layers do
             if not hasattr(param, "tensor_model_parallel"):
@@ -68,9 +72,8 @@ class GPTModel(nn.Module):
         x = self.embedding_dropout(self.wte(tokens) + self.wpe(position_ids))
         x = self.transformer(x)
         # Tied output layer: a column-parallel linear whose weight is the embedding table.
-        logits = F.linear(copy_to_tensor_model_parallel_region(x, self.ps), self.wte.weight)
-        if self.padding_start < self.padding_end:
-            logits[..., self.padding_start:self.padding_end] = float("-inf")
+        logits = F.linear(copy_to_tensor_model_parallel_region(x, self.ps), self.wte.weight,
+                          self.output_padding_bias)
         if labels is None:
             return logits
         return vocab_parallel_cross_entropy(logits, labels, self.ps)
