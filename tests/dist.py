@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from queue import Empty
+import time
 import traceback
 import uuid
 
@@ -45,16 +47,23 @@ def run_ranks(fn, world_size: int, tmp_path, args=(), timeout_s: float = 60.0):
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout_s * 3
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout_s * 3)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except Empty:
+                # A rank that died without reporting (segfault, SIGKILL) fails the test now.
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors.append(f"ranks {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
+                elif time.monotonic() > deadline:
+                    errors.append(f"ranks did not report within {timeout_s * 3:.0f}s")
+                continue
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
-    except Exception as exc:  # queue.Empty: some rank hung or died without reporting
-        errors.append(f"ranks did not report in time: {exc!r}")
     finally:
         for p in procs:
             # A busy 2-core machine can take seconds to tear a rank down; only cut short on error.

@@ -133,9 +133,11 @@ def set_rng_state_tensors(tensors: dict[str, torch.Tensor], tracker: RNGStatesTr
         raise ValueError(f"RNG state saved on {'CUDA' if saved_on_cuda else 'CPU'} cannot be "
                          f"restored into a run on {tracker.device}")
 
-    torch.set_rng_state(tensors["rng/torch_cpu"].to(torch.uint8))
+    # clone(): the tensors may be views into a snapshot buffer (offset, read-only), which
+    # the generator's set_state does not handle (it crashed the process).
+    torch.set_rng_state(tensors["rng/torch_cpu"].to(torch.uint8).clone())
     if saved_on_cuda:
-        torch.cuda.set_rng_state(tensors["rng/torch_cuda"].to(torch.uint8), tracker.device)
+        torch.cuda.set_rng_state(tensors["rng/torch_cuda"].to(torch.uint8).clone(), tracker.device)
 
     np.random.set_state((
         "MT19937",
@@ -150,5 +152,5 @@ def set_rng_state_tensors(tensors: dict[str, torch.Tensor], tracker: RNGStatesTr
     random.setstate((int(tensors["rng/python/version"].item()),
                      tuple(int(v) for v in tensors["rng/python/state"].tolist()), gauss_next))
 
-    tracker.set_states({key[len(_TRACKER_PREFIX):]: state.to(torch.uint8)
+    tracker.set_states({key[len(_TRACKER_PREFIX):]: state.to(torch.uint8).clone()
                         for key, state in tensors.items() if key.startswith(_TRACKER_PREFIX)})

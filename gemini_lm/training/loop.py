@@ -120,9 +120,8 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
         tcfg, dict_factory=lambda kv: {k: str(v) if isinstance(v, torch.dtype) else v for k, v in kv}))
     n_micro = num_micro_batches(cfg, ps.world_size)
     gbs = t.global_batch_size
-    num_samples = (t.train_iters * gbs,
-                   (t.train_iters // t.eval_interval + 1) * t.eval_iters * gbs if t.eval_interval else 0,
-                   t.eval_iters * gbs)
+    # Validation re-reads the same first batches each time; the test split is not used in training.
+    num_samples = (t.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, 0)
     train_ds, valid_ds, _ = datasets_provider(cfg, tokenizer, num_samples)
 
     checkpointer = build_checkpointer(cfg, state, ps, logger)

@@ -35,9 +35,10 @@ def _close(a, b, tol):
 
 
 def test_tp2_equals_tp1_and_dp2_equals_dp1(byte_corpus, tmp_path):
-    ref = _run(tmp_path, byte_corpus, "tp1", 1, "--train-iters", "5")
+    # Same padded vocabulary (512) in both: padding is a multiple of divisible-by x TP.
+    ref = _run(tmp_path, byte_corpus, "tp1", 1, "--train-iters", "5", "--make-vocab-size-divisible-by", "256")
     tp2 = _run(tmp_path, byte_corpus, "tp2", 2, "--train-iters", "5", "--tensor-model-parallel-size", "2")
-    dp2 = _run(tmp_path, byte_corpus, "dp2", 2, "--train-iters", "5")
+    dp2 = _run(tmp_path, byte_corpus, "dp2", 2, "--train-iters", "5", "--make-vocab-size-divisible-by", "256")
     assert len(ref) == 5
     _close(ref, tp2, 1e-5)
     _close(ref, dp2, 1e-5)
