@@ -58,7 +58,9 @@ def build_transformer_config(cfg: Config, vocab_size: int, tp_size: int, **overr
         flags["max_position_embeddings"] = m.seq_length
     padded = pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp_size)
     params_dtype = torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
-    tcfg = TransformerConfig.from_preset(m.model_size, padded, init_method_std=m.init_method_std,
+    # orig_vocab_size: padding rows get no probability mass (they would otherwise skew the loss).
+    tcfg = TransformerConfig.from_preset(m.model_size, padded, orig_vocab_size=vocab_size,
+                                         init_method_std=m.init_method_std,
                                          params_dtype=params_dtype, **{**flags, **overrides})
     if m.seq_length is None:
         m.seq_length = tcfg.max_position_embeddings

@@ -53,9 +53,9 @@ def test_tp2_dp2_on_four_ranks_trains(byte_corpus, tmp_path):
 def test_save_load_resume_is_bit_exact(byte_corpus, tmp_path):
     full = _run(tmp_path, byte_corpus, "full", 1, "--train-iters", "10", "--lr-decay-iters", "10", "--save", str(tmp_path / "ck_full"))
     save = str(tmp_path / "ck")
-    first = _run(tmp_path, byte_corpus, "resume", 1, "--train-iters", "5", "--lr-decay-iters", "10", "--save", save, "--save-interval", "5")
+    first = _run(tmp_path, byte_corpus, "resume_a", 1, "--train-iters", "5", "--lr-decay-iters", "10", "--save", save, "--save-interval", "5")
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "5"
-    second = _run(tmp_path, byte_corpus, "resume", 1, "--train-iters", "10", "--lr-decay-iters", "10", "--save", save)
+    second = _run(tmp_path, byte_corpus, "resume_b", 1, "--train-iters", "10", "--lr-decay-iters", "10", "--save", save)
     assert [i for i, _ in second] == list(range(6, 11))
     assert first + second == full          # exact float equality, iteration by iteration
     # The final weights agree bit for bit as well.
