@@ -370,6 +370,13 @@ class MemoryStore:
             del self._slots[(shard, slot)]
             names.discard(slot)
 
+    def discard(self, shard: str, slot: str) -> None:
+        """Un-commit a slot (e.g. a snapshot newer than the iteration a recovery agreed on,
+        left by the failed timeline). Its payload is reused by the next write."""
+        _check_id("shard id", shard, _SHARD_ID)
+        with self._lock:
+            _unlink(self._record_path(shard, slot))
+
     def prepare(self, shard: str, nbytes: int) -> None:
         """Create and pre-fault both slots of `shard` ahead of the first snapshot (optional)."""
         _check_id("shard id", shard, _SHARD_ID)

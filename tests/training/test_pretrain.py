@@ -4,28 +4,13 @@ import os
 import torch
 from safetensors import safe_open
 
-from tests.dist import run_ranks
-from tests.training.conftest import read_metrics, tiny_gpt_args
-
-
-def _pretrain(rank, world_size, argv):
-    import pretrain_gpt
-    from gemini_lm.config import parse_config
-
-    cfg = parse_config(argv, world_size=world_size)
-    return pretrain_gpt.pretrain(cfg, pretrain_gpt.model_provider, pretrain_gpt.datasets_provider,
-                                 pretrain_gpt.gpt_forward_step)
-
-
-def _losses(log_dir):
-    return [(r["iteration"], r["loss"]) for r in read_metrics(log_dir)]
+from tests.e2e import read_losses, run_pretrain, tiny_gpt_args
 
 
 def _run(tmp_path, data, name, world, *extra):
     log_dir = str(tmp_path / name)
-    argv = tiny_gpt_args(data, log_dir, "--no-gemini", *extra)
-    run_ranks(_pretrain, world, tmp_path, args=(argv,), timeout_s=120)
-    return _losses(log_dir)
+    run_pretrain(tmp_path, tiny_gpt_args(data, log_dir, "--no-gemini", *extra), world)
+    return read_losses(log_dir)
 
 
 def _close(a, b, tol):
@@ -51,11 +36,14 @@ def test_tp2_dp2_on_four_ranks_trains(byte_corpus, tmp_path):
 
 
 def test_save_load_resume_is_bit_exact(byte_corpus, tmp_path):
-    full = _run(tmp_path, byte_corpus, "full", 1, "--train-iters", "10", "--lr-decay-iters", "10", "--save", str(tmp_path / "ck_full"))
+    full = _run(tmp_path, byte_corpus, "full", 1, "--train-iters", "10", "--lr-decay-iters", "10",
+                "--save", str(tmp_path / "ck_full"))
     save = str(tmp_path / "ck")
-    first = _run(tmp_path, byte_corpus, "resume_a", 1, "--train-iters", "5", "--lr-decay-iters", "10", "--save", save, "--save-interval", "5")
+    first = _run(tmp_path, byte_corpus, "resume_a", 1, "--train-iters", "5", "--lr-decay-iters", "10",
+                 "--save", save, "--save-interval", "5")
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "5"
-    second = _run(tmp_path, byte_corpus, "resume_b", 1, "--train-iters", "10", "--lr-decay-iters", "10", "--save", save)
+    second = _run(tmp_path, byte_corpus, "resume_b", 1, "--train-iters", "10", "--lr-decay-iters", "10",
+                  "--save", save)
     assert [i for i, _ in second] == list(range(6, 11))
     assert first + second == full          # exact float equality, iteration by iteration
     # The final weights agree bit for bit as well.
