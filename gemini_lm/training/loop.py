@@ -104,6 +104,7 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
                            wandb_save_dir=cfg.logging.wandb_save_dir,
                            run_id=default_job_id(cfg), config=cfg.to_dict())
     model = model_provider(cfg, tcfg, ps, tracker).to(ps.device)
+    tcfg = getattr(model, "config", tcfg)   # a provider may adapt it (BERT: post-LN, padding mask)
     if t.bf16 or t.fp16:
         model = model.to(tcfg.params_dtype)
     ddp = DistributedDataParallel(model, ps)
