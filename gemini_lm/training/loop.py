@@ -6,7 +6,6 @@ data position, logging — is built here from the typed config and passed explic
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Callable
@@ -19,14 +18,12 @@ from gemini_lm.data.samplers import micro_batches
 from gemini_lm.data.tokenizer import build_tokenizer
 from gemini_lm.errors import UsageError
 from gemini_lm.models.config import TransformerConfig, pad_vocab_size
-from gemini_lm.parallel.data_parallel import DistributedDataParallel
 from gemini_lm.parallel.random import model_parallel_seed
 from gemini_lm.training.checkpointing import PersistentCheckpointer
 from gemini_lm.training.initialize import initialize_distributed
-from gemini_lm.training.lr_schedule import OptimizerParamScheduler
 from gemini_lm.training.metrics import MetricsLogger
-from gemini_lm.training.optimizer import build_optimizer
-from gemini_lm.training.state import TrainProgress, TrainState
+from gemini_lm.training.setup import build_training_setup
+from gemini_lm.training.state import TrainState
 from gemini_lm.training.step import evaluate, reduce_mean_over_dp, train_step
 
 
@@ -103,24 +100,9 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
                            wandb_exp_name=cfg.logging.wandb_exp_name,
                            wandb_save_dir=cfg.logging.wandb_save_dir,
                            run_id=default_job_id(cfg), config=cfg.to_dict())
-    model = model_provider(cfg, tcfg, ps, tracker).to(ps.device)
-    tcfg = getattr(model, "config", tcfg)   # a provider may adapt it (BERT: post-LN, padding mask)
-    if t.bf16 or t.fp16:
-        model = model.to(tcfg.params_dtype)
-    ddp = DistributedDataParallel(model, ps)
-    optimizer = build_optimizer(model, ps, lr=t.lr, weight_decay=t.weight_decay,
-                                betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                clip_grad=t.clip_grad,
-                                precision="bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
-                                loss_scale=t.loss_scale, initial_loss_scale=t.initial_loss_scale,
-                                ddp=ddp)
-    scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr,
-                                        lr_warmup_iters=t.lr_warmup_iters,
-                                        lr_decay_iters=t.lr_decay_iters,
-                                        lr_decay_style=t.lr_decay_style)
-    progress = TrainProgress()
-    state = TrainState(model, optimizer, scheduler, tracker, ps, progress, dataclasses.asdict(
-        tcfg, dict_factory=lambda kv: {k: str(v) if isinstance(v, torch.dtype) else v for k, v in kv}))
+    setup = build_training_setup(cfg, tcfg, model_provider, ps, tracker)
+    model, tcfg, ddp, state = setup.model, setup.config, setup.ddp, setup.state
+    optimizer, scheduler, progress = setup.optimizer, setup.scheduler, setup.progress
     n_micro = num_micro_batches(cfg, ps.world_size)
     gbs = t.global_batch_size
     # Validation re-reads the same first batches each time; the test split is not used in training.
