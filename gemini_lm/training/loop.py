@@ -19,6 +19,8 @@ from gemini_lm.data.tokenizer import build_tokenizer
 from gemini_lm.errors import UsageError
 from gemini_lm.models.config import TransformerConfig, pad_vocab_size
 from gemini_lm.parallel.random import model_parallel_seed
+from gemini_lm.resilience.handler import failure_handler_for
+from gemini_lm.resilience.timeline import RecoveryTimeline
 from gemini_lm.training.checkpointing import PersistentCheckpointer
 from gemini_lm.training.initialize import initialize_distributed
 from gemini_lm.training.metrics import MetricsLogger
@@ -91,6 +93,7 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
              forward_step: Callable) -> int:
     t_start = time.time()
     ps = initialize_distributed(cfg)
+    failures = failure_handler_for(cfg, ps)   # collective error, hang, SIGTERM → exit EXIT_RESTART
     t = cfg.training
     tokenizer = build_tokenizer_and_data(cfg)
     tracker = model_parallel_seed(t.seed, ps)
@@ -109,8 +112,13 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
     num_samples = (t.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, 0)
     train_ds, valid_ds, _ = datasets_provider(cfg, tokenizer, num_samples)
 
-    checkpointer = build_checkpointer(cfg, state, ps, logger)
-    checkpointer.restore()   # sets progress (iteration, consumed samples), weights, RNG, ...
+    # The timeline completes the restore's recovery record after the first iteration.
+    timeline = RecoveryTimeline(logger, cfg.logging.log_dir, failures.rendezvous_done_at)
+    with failures.guard():
+        checkpointer = build_checkpointer(cfg, state, ps, timeline)
+        checkpointer.restore()   # sets progress (iteration, consumed samples), weights, RNG, ...
+    failures.attach(checkpointer)
+    failures.start_watchdog()
     start_iteration = progress.iteration
     nparams = sum(p.numel() for p in model.parameters())
     logger.console(
@@ -134,6 +142,9 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
             out = train_step(forward_step, data_iter, model, ddp, optimizer, scheduler, progress,
                              iteration=iteration, num_micro_batches=n_micro, global_batch_size=gbs,
                              ps=ps, after_update=checkpointer.after_step)
+            failures.progress(iteration)
+            if iteration == start_iteration + 1:
+                timeline.first_iteration_done(iteration)
             iter_time = time.perf_counter() - t_iter
             window_iters += 1
             if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
@@ -159,9 +170,13 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
             if t.exit_interval and iteration % t.exit_interval == 0:
                 break
         clean = True
+    except BaseException as exc:
+        failures.handle(exc)   # a collective failure exits here, skipping the clean-up below
+        raise
     finally:
         checkpointer.close(iteration, clean=clean)
         logger.close()
+        failures.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,0 +1,147 @@
+"""Recovery timelines: one complete recovery.jsonl record per recovery, written by rank 0.
+
+The restore record (gemini/restore.py) knows the retrieval phases but not what came
+before (the failure, its detection, the restart) or after (the first iteration). So the
+checkpointer logs through a RecoveryTimeline that holds the record back, and rank 0
+writes it once the first iteration after the restore completes, joined with:
+
+- injections.jsonl: the newest injection since the previous recovery (kind, time);
+- failures.jsonl: the first failure event since then (detection time, cause) and the
+  newest iteration any rank had completed before it;
+- this process: its start time (the agent restarted workers), the end of rendezvous;
+- metrics.jsonl: the last iteration logged before the restart.
+
+Phases, as timestamps (`*_at`, seconds since the epoch) and durations (`*_s`):
+injected → detected → workers started → rendezvous done → restore started →
+retrieved → loaded → first iteration completed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from gemini_lm.resilience.events import FAILURES, INJECTIONS, read_jsonl
+
+
+def process_start_time() -> float:
+    """When this process was created (the agent's restart), from /proc; now if unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def _last_logged_iteration(metrics_path: str) -> int | None:
+    last = None
+    for rec in read_jsonl(metrics_path):
+        if "loss" in rec:
+            last = max(last or 0, rec["iteration"])
+    return last
+
+
+class RecoveryTimeline:
+    """Wraps the MetricsLogger the checkpointer logs through; everything but
+    log_recovery passes straight to it."""
+
+    def __init__(self, logger, log_dir: str, rendezvous_done_at: float):
+        self._logger, self.log_dir = logger, log_dir
+        self.rendezvous_done_at = rendezvous_done_at
+        self.workers_started_at = process_start_time()
+        self.pending: dict | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._logger, name)
+
+    def log_recovery(self, record: dict) -> None:
+        """Hold the restore record until the first iteration after it completes."""
+        self.pending = dict(record)
+        self.pending["last_logged_iteration"] = _last_logged_iteration(self._logger.metrics_path)
+
+    def first_iteration_done(self, iteration: int) -> dict | None:
+        """Complete and write the pending record (rank 0 writes; others just drop it)."""
+        if self.pending is None:
+            return None
+        rec = complete_record(self.pending, self.log_dir, first_iteration=iteration,
+                              first_iteration_at=time.time(),
+                              workers_started_at=self.workers_started_at,
+                              rendezvous_done_at=self.rendezvous_done_at)
+        self.pending = None
+        self._logger.log_recovery(rec)
+        self._logger.console(summary_line(rec))
+        return rec
+
+
+def _since_previous_recovery(log_dir: str) -> float:
+    prev = read_jsonl(os.path.join(log_dir, "recovery.jsonl"))
+    return max((r.get("first_iteration_at") or r.get("time") or 0.0 for r in prev), default=0.0)
+
+
+def complete_record(restore: dict, log_dir: str, *, first_iteration: int, first_iteration_at: float,
+                    workers_started_at: float, rendezvous_done_at: float) -> dict:
+    after = _since_previous_recovery(log_dir)
+    restore_started = restore.get("started_at", rendezvous_done_at)
+    injections = [e for e in read_jsonl(os.path.join(log_dir, INJECTIONS))
+                  if after < e["time"] <= restore_started]
+    failures = [e for e in read_jsonl(os.path.join(log_dir, FAILURES))
+                if after < e["time"] <= restore_started]
+    injection = injections[-1] if injections else None
+    detection = min(failures, key=lambda e: e["time"]) if failures else None
+    retrieved_at = restore_started + restore.get("agree_s", 0.0) + restore.get("retrieve_s", 0.0)
+    loaded_at = restore.get("time", retrieved_at)
+    reached = [v for v in [restore.get("last_logged_iteration")] + [e["iteration"] for e in failures]
+               if v is not None]
+    before = max(reached) if reached else None
+    start = injection["time"] if injection else detection["time"] if detection else workers_started_at
+    rec = {
+        **restore,
+        "failure_kind": injection["kind"] if injection else detection["cause"] if detection else "unknown",
+        "failure_cause": detection["cause"] if detection else None,
+        "injected_at": injection["time"] if injection else None,
+        "detected_at": detection["time"] if detection else None,
+        "workers_started_at": workers_started_at,
+        "rendezvous_done_at": rendezvous_done_at,
+        "restore_started_at": restore_started,
+        "retrieved_at": retrieved_at,
+        "loaded_at": loaded_at,
+        "first_iteration": first_iteration,
+        "first_iteration_at": first_iteration_at,
+        "iteration_before_failure": before,
+        "iterations_lost": max(0, before - restore["iteration"]) if before is not None else None,
+        "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+        "failure_events": len(failures),
+    }
+    rec.update(phase_durations(rec, start))
+    return rec
+
+
+def phase_durations(rec: dict, start: float) -> dict:
+    """Consecutive phases; a phase whose start is unknown is folded into the next one."""
+    marks = [("detect_s", rec["detected_at"]), ("restart_s", rec["workers_started_at"]),
+             ("rendezvous_s", rec["rendezvous_done_at"]), ("setup_s", rec["restore_started_at"]),
+             ("retrieval_s", rec["loaded_at"]), ("first_iteration_s", rec["first_iteration_at"])]
+    out, prev = {}, start
+    for name, t in marks:
+        if t is None:
+            out[name] = None
+            continue
+        out[name] = max(0.0, t - prev)
+        prev = max(prev, t)
+    out["recovery_s"] = rec["first_iteration_at"] - start
+    return out
+
+
+def summary_line(rec: dict) -> str:
+    def s(key):
+        return "-" if rec.get(key) is None else f"{rec[key]:.2f}s"
+    lost = rec.get("iterations_lost")
+    return (f"recovery: {rec['failure_kind']} -> iteration {rec['iteration']} from {rec['source']} "
+            f"in {rec['recovery_s']:.2f}s (detect {s('detect_s')}, restart {s('restart_s')}, "
+            f"rendezvous {s('rendezvous_s')}, setup {s('setup_s')}, retrieve {s('retrieval_s')}, "
+            f"first iteration {s('first_iteration_s')}); "
+            f"{'?' if lost is None else lost} iteration(s) lost")
+
