@@ -1,0 +1,86 @@
+"""Finding and signalling the processes of a local cluster through /proc (Linux).
+
+Every process of a cluster — agents, workers, anything they start — carries
+GEMINI_CLUSTER_ID in its environment, so the cluster and the injection tool find them
+by that mark, whoever their parent is now (a SIGKILLed agent's workers are re-parented),
+and clean-up can prove that nothing is left behind.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+CLUSTER_ENV = "GEMINI_CLUSTER_ID"
+
+
+def process_env(pid: int) -> dict[str, str] | None:
+    """The environment a process started with, or None if it is gone or not ours."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def is_alive(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cluster_processes(cluster_id: str) -> dict[int, dict[str, str]]:
+    """pid -> environment of every live process marked with this cluster id."""
+    out = {}
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        env = process_env(int(name))
+        if env and env.get(CLUSTER_ENV) == cluster_id and is_alive(int(name)):
+            out[int(name)] = env
+    return out
+
+
+def workers(cluster_id: str) -> list[dict]:
+    """Training workers (torchrun sets RANK for them, not for agents), sorted by rank."""
+    found = []
+    for pid, env in cluster_processes(cluster_id).items():
+        if "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
+            found.append({"pid": pid, "rank": int(env["RANK"]), "local_rank": int(env.get("LOCAL_RANK", 0)),
+                          "machine": env.get("GEMINI_MACHINE_ID"),
+                          "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", 0))})
+    return sorted(found, key=lambda w: w["rank"])
+
+
+def signal_pid(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def signal_group(pid: int, sig: int) -> bool:
+    """Signal the process group led by `pid` (torchrun starts each worker in its own)."""
+    try:
+        os.killpg(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return signal_pid(pid, sig)
+
+
+def kill_all(cluster_id: str) -> list[int]:
+    """SIGKILL every process of the cluster (and SIGCONT is not needed: SIGKILL wakes stopped ones)."""
+    pids = list(cluster_processes(cluster_id))
+    for pid in pids:
+        signal_pid(pid, signal.SIGKILL)
+    return pids
