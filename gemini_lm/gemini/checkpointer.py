@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed as dist
 
@@ -69,6 +70,8 @@ class Checkpointer:
                                        log=print)
         self._stats: dict = {}
         self.last_record = None
+        self._pending = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemini-commit")
 
     # ---- start-up ---------------------------------------------------------------------
     def restore(self) -> None:
@@ -93,8 +96,8 @@ class Checkpointer:
 
     def _snapshot(self, iteration: int) -> None:
         t0 = time.perf_counter()
-        # The slot the previous snapshot is being sent from must not be reused under it.
-        wait_s = self.replicator.wait() if self.replicator else 0.0
+        # The previous snapshot must be committed and shipped before its slot can be reused.
+        wait_s = self._drain()
         t1 = time.perf_counter()
         w = self.store.begin_write(self.ps.shard_id, self.layout.nbytes, self.layout.layout_hash)
         try:
@@ -102,17 +105,33 @@ class Checkpointer:
         except BaseException:
             self.store.abort(w)
             raise
-        rec = self.store.commit(w, iteration)
         t2 = time.perf_counter()
+        # Checksum + commit record + hand-off to replication/persistence happen off the
+        # training thread: the loop is blocked only for the copy into shared memory.
+        self._pending = self._worker.submit(self._commit_and_ship, w, iteration)
+        self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_wait_s": wait_s,
+                       "gemini_blocking_s": time.perf_counter() - t0,
+                       "gemini_snapshot_bytes": self.layout.nbytes}
+
+    def _commit_and_ship(self, w, iteration: int):
+        rec = self.store.commit(w, iteration)
         self.last_record = rec
         if self.replicator is not None:
             self.replicator.submit(self.store.open(rec, verify=False), self.ps.shard_id)
         c = self.cfg.checkpoint
         if self.persister and c.save_interval and iteration % c.save_interval == 0:
             self.persister.submit(rec)
-        self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_repl_wait_s": wait_s,
-                       "gemini_blocking_s": time.perf_counter() - t0,
-                       "gemini_snapshot_bytes": self.layout.nbytes}
+        return rec
+
+    def _drain(self) -> float:
+        """Wait for the previous snapshot's commit and replication; seconds waited."""
+        t0 = time.perf_counter()
+        if self._pending is not None:
+            self._pending.result()   # re-raises a failed commit on the training thread
+            self._pending = None
+        if self.replicator is not None:
+            self.replicator.wait()
+        return time.perf_counter() - t0
 
     def stats(self) -> dict:
         out = dict(self._stats)
@@ -124,18 +143,21 @@ class Checkpointer:
 
     # ---- shutdown ---------------------------------------------------------------------
     def close(self, iteration: int, clean: bool) -> None:
+        if clean:
+            self._drain()
         if self.replicator is not None:
-            self.replicator.wait()
             self.replicator.close()
             self.replicator = None
         if self.persister is not None:
             if clean and (self.last_record is None or self.last_record.iteration != iteration):
                 self._snapshot(iteration)
+                self._drain()
             self.persister.wait()
             if clean and self.persister.last_iteration != iteration:
                 self.persister.submit(self.last_record)   # always leave the final state on disk
                 self.persister.wait()
             self.persister.close()
+        self._worker.shutdown(wait=clean)
         if clean:
             dist.barrier()   # every rank is done with the store before it goes
             if self.is_leader and not self.cfg.gemini.gemini_keep_store:
