@@ -193,6 +193,8 @@ def validate(cfg: Config, world_size: int) -> None:
         raise UsageError("--micro-batch-size must be >= 1")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
+    if t.global_batch_size < 1:
+        raise UsageError("--global-batch-size must be >= 1")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise UsageError(f"--global-batch-size {t.global_batch_size} is not divisible by "
                          f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
@@ -212,6 +214,10 @@ def validate(cfg: Config, world_size: int) -> None:
         raise UsageError(f"--split {cfg.data.split!r}: expected comma-separated numbers like 969,30,1") from None
     if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise UsageError(f"--split {cfg.data.split!r}: expected up to three non-negative weights")
+    if weights[0] == 0:
+        raise UsageError(f"--split {cfg.data.split!r} leaves nothing to train on (the first weight is 0)")
+    if t.eval_interval < 0 or t.eval_iters < 0:
+        raise UsageError("--eval-interval and --eval-iters must be >= 0")
     c = cfg.checkpoint
     if c.load is None:
         c.load = c.save

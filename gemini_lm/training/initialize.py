@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,8 @@ import torch.distributed as dist
 from gemini_lm.config import Config
 from gemini_lm.errors import UsageError
 from gemini_lm.parallel.state import ParallelState
+
+T = TypeVar("T")
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -53,3 +56,34 @@ def initialize_distributed(cfg: Config) -> ParallelState:
         return ParallelState.initialize(cfg.parallel.tensor_model_parallel_size, device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+_MESSAGE_BYTES = 1024
+
+
+def all_ranks_or_none(ps: ParallelState, check: Callable[[], T]) -> T:
+    """Run an input check on every rank; if it raised UsageError anywhere, raise it everywhere.
+
+    A rank that fails alone (a file only its machine lacks) would otherwise leave the others
+    waiting in the next collective. `check` must not itself run collectives. The message of
+    the lowest failing rank travels as bytes in a tensor (no pickling).
+    """
+    message, result = b"", None
+    try:
+        result = check()
+    except UsageError as exc:
+        message = str(exc).encode()[:_MESSAGE_BYTES] or b"bad input"
+    if ps.world_size == 1:
+        if message:
+            raise UsageError(message.decode(errors="replace"))
+        return result
+    first = torch.tensor([ps.rank if message else ps.world_size], dtype=torch.int64, device=ps.device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    src = int(first.item())
+    if src == ps.world_size:
+        return result
+    buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8, device=ps.device)
+    if ps.rank == src:
+        buf[:len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8)
+    dist.broadcast(buf, src)
+    raise UsageError(bytes(buf.cpu().tolist()).rstrip(b"\0").decode(errors="replace"))

@@ -21,8 +21,8 @@ from gemini_lm.models.config import TransformerConfig, pad_vocab_size
 from gemini_lm.parallel.random import model_parallel_seed
 from gemini_lm.resilience.handler import failure_handler_for
 from gemini_lm.resilience.timeline import RecoveryTimeline
-from gemini_lm.training.checkpointing import PersistentCheckpointer
-from gemini_lm.training.initialize import initialize_distributed
+from gemini_lm.training.checkpointing import PersistentCheckpointer, check_writable
+from gemini_lm.training.initialize import all_ranks_or_none, initialize_distributed
 from gemini_lm.training.metrics import MetricsLogger
 from gemini_lm.training.setup import build_training_setup
 from gemini_lm.training.state import TrainState
@@ -81,6 +81,18 @@ def default_job_id(cfg: Config) -> str:
     return "job-" + hashlib.sha1(os.path.abspath(cfg.logging.log_dir).encode()).hexdigest()[:12]
 
 
+def check_output_dirs(cfg: Config, ps) -> None:
+    """--log-dir and --save must be writable: fail at start-up, not at the first write."""
+    if ps.rank == 0:   # the only rank that logs; checked without creating anything
+        existing = os.path.abspath(cfg.logging.log_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--log-dir {cfg.logging.log_dir}: {existing} is not a writable directory")
+    if cfg.checkpoint.save:
+        check_writable(cfg.checkpoint.save)
+
+
 def build_checkpointer(cfg: Config, state: TrainState, ps, logger):
     if cfg.gemini.gemini:
         from gemini_lm.gemini.checkpointer import Checkpointer
@@ -95,22 +107,28 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
     ps = initialize_distributed(cfg)
     failures = failure_handler_for(cfg, ps)   # collective error, hang, SIGTERM → exit EXIT_RESTART
     t = cfg.training
-    tokenizer = build_tokenizer_and_data(cfg)
+    n_micro = num_micro_batches(cfg, ps.world_size)
+    gbs = t.global_batch_size
+    # Validation re-reads the same first batches each time; the test split is not used in training.
+    num_samples = (t.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, 0)
+
+    def read_inputs():
+        tokenizer = build_tokenizer_and_data(cfg)
+        tcfg = build_transformer_config(cfg, tokenizer.vocab_size, ps.tp_size)
+        return tcfg, datasets_provider(cfg, tokenizer, num_samples)
+
+    # Bad input fails here, on every rank alike, before anything is written anywhere.
+    tcfg, (train_ds, valid_ds, _) = all_ranks_or_none(ps, read_inputs)
     tracker = model_parallel_seed(t.seed, ps)
-    tcfg = build_transformer_config(cfg, tokenizer.vocab_size, ps.tp_size)
+    setup = build_training_setup(cfg, tcfg, model_provider, ps, tracker)
+    model, tcfg, ddp, state = setup.model, setup.config, setup.ddp, setup.state
+    optimizer, scheduler, progress = setup.optimizer, setup.scheduler, setup.progress
+    all_ranks_or_none(ps, lambda: check_output_dirs(cfg, ps))
     logger = MetricsLogger(cfg.logging.log_dir, enabled=ps.rank == 0,
                            wandb_project=cfg.logging.wandb_project,
                            wandb_exp_name=cfg.logging.wandb_exp_name,
                            wandb_save_dir=cfg.logging.wandb_save_dir,
                            run_id=default_job_id(cfg), config=cfg.to_dict())
-    setup = build_training_setup(cfg, tcfg, model_provider, ps, tracker)
-    model, tcfg, ddp, state = setup.model, setup.config, setup.ddp, setup.state
-    optimizer, scheduler, progress = setup.optimizer, setup.scheduler, setup.progress
-    n_micro = num_micro_batches(cfg, ps.world_size)
-    gbs = t.global_batch_size
-    # Validation re-reads the same first batches each time; the test split is not used in training.
-    num_samples = (t.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, 0)
-    train_ds, valid_ds, _ = datasets_provider(cfg, tokenizer, num_samples)
 
     # The timeline completes the restore's recovery record after the first iteration.
     timeline = RecoveryTimeline(logger, cfg.logging.log_dir, failures.rendezvous_done_at)

@@ -1,0 +1,154 @@
+"""Bad input to the real entry point: one line on stderr, exit 2, no traceback, nothing written.
+
+Every case runs `python pretrain_gpt.py ...` (or torchrun with 2 workers) as a user would.
+Under torchrun each worker prints its line and exits 2; torchrun itself exits 1 and prints
+its own ChildFailedError report (with the workers' exit codes), which we do not control.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.dist import run_ranks
+from tests.e2e import ROOT
+
+ENTRY = os.path.join(ROOT, "pretrain_gpt.py")
+TINY = ["--tokenizer-type", "ByteLevelTokenizer", "--num-layers", "1", "--hidden-size", "32",
+        "--num-attention-heads", "2", "--seq-length", "16", "--train-iters", "2"]
+
+
+@pytest.fixture
+def run(byte_corpus, tmp_path):
+    """Run pretrain_gpt.py with tiny flags; return (completed process, outputs to stay absent)."""
+    outputs = {"log": tmp_path / "log", "shm": tmp_path / "shm"}
+
+    def _run(*flags: str, data_path: str | None = None, launcher: list[str] = (), timeout: float = 60):
+        argv = [*launcher, ENTRY, "--data-path", data_path or byte_corpus, *TINY,
+                "--log-dir", str(outputs["log"]), "--gemini-store-dir", str(outputs["shm"]), *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                                timeout=timeout, cwd=tmp_path, env=env)
+        return result, outputs
+
+    return _run
+
+
+def assert_usage_error(result, outputs, message: str) -> None:
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    for path in outputs.values():   # nothing half-written: no log dir, no in-memory store
+        assert not path.exists(), f"{path} was created"
+
+
+def _corrupt_copy(src_prefix: str, dst_prefix: str, truncate: str | None = None,
+                  drop: str | None = None) -> str:
+    for ext in (".bin", ".idx"):
+        if ext != drop:
+            shutil.copyfile(src_prefix + ext, dst_prefix + ext)
+    if truncate:
+        size = os.path.getsize(dst_prefix + truncate)
+        os.truncate(dst_prefix + truncate, size // 2)
+    return dst_prefix
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch-size", "3", "--global-batch-size", "4"], "--global-batch-size 4 is not divisible"),
+    (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
+    (["--tokenizer-type", "NoSuchTokenizer"], "unknown tokenizer type 'NoSuchTokenizer'"),
+    (["--split", "0,1,0"], "leaves nothing to train on"),
+    (["--log-dir", os.devnull + "/log"], "--log-dir"),
+])
+def test_bad_flags(run, flags, message):
+    assert_usage_error(*run(*flags), message)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_idx", "indexed dataset file not found"),
+    ("short_idx", "truncated or corrupt index"),
+    ("short_bin", "the pair is truncated or mismatched"),
+])
+def test_missing_or_truncated_data(run, byte_corpus, tmp_path, case, message):
+    bad = str(tmp_path / "bad_text_document")
+    {"no_idx": lambda: _corrupt_copy(byte_corpus, bad, drop=".idx"),
+     "short_idx": lambda: _corrupt_copy(byte_corpus, bad, truncate=".idx"),
+     "short_bin": lambda: _corrupt_copy(byte_corpus, bad, truncate=".bin")}[case]()
+    save = tmp_path / "ckpt"
+    result, outputs = run("--save", str(save), data_path=bad)
+    assert_usage_error(result, {**outputs, "save": save}, message)
+
+
+def test_unwritable_save(run, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result, outputs = run("--save", str(blocker / "ckpt"))
+    assert_usage_error(result, outputs, f"--save {blocker / 'ckpt'}: not writable")
+    assert blocker.read_text() == "not a directory"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hidden-size", "48", "--num-attention-heads", "3", "--tensor-model-parallel-size", "2"],
+     "number of attention heads 3 is not divisible by the tensor-model-parallel size 2"),
+    (["--micro-batch-size", "2", "--global-batch-size", "2"],
+     "--global-batch-size 2 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+])
+def test_two_workers_under_torchrun(run, tmp_path, flags, message):
+    logs = tmp_path / "torchrun_logs"
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3"]
+    result, outputs = run(*flags, launcher=launcher, timeout=120)
+    assert result.returncode != 0
+    # torchrun names the first worker to exit as the root cause, then SIGTERMs the others:
+    # a slower worker may be killed (-15) before it exits 2, even before it prints its line.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", result.stderr)
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert re.search(r"exitcode\s*:\s*2\b", root_cause) and set(codes) <= {"2", "-15"}, result.stderr
+    worker_lines = [path.read_text().splitlines() for path in logs.glob("*/attempt_0/*/stderr.log")]
+    assert len(worker_lines) == 2 and any(worker_lines)   # at least the root cause printed
+    for lines in worker_lines:
+        assert lines == [] or (len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]), lines
+    for path in outputs.values():
+        assert not path.exists(), f"{path} was created"
+
+
+def _check_data_on(rank: int) -> str:
+    from gemini_lm.errors import UsageError
+
+    if rank == 1:
+        raise UsageError("only rank 1 lacks its data")
+    return "fine"
+
+
+def _agree_body(rank, world_size):
+    import torch
+
+    from gemini_lm.errors import UsageError
+    from gemini_lm.parallel.state import ParallelState
+    from gemini_lm.training.initialize import all_ranks_or_none
+
+    ps = ParallelState.initialize(1, torch.device("cpu"))
+    assert all_ranks_or_none(ps, lambda: rank) == rank   # no failure: each rank's own result
+    try:
+        all_ranks_or_none(ps, lambda: _check_data_on(rank))
+    except UsageError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
+    # Otherwise the ranks that passed would wait for the failed one in the next collective.
+    assert run_ranks(_agree_body, 2, tmp_path) == ["only rank 1 lacks its data"] * 2
