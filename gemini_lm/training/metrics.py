@@ -49,7 +49,15 @@ class MetricsLogger:
             os.makedirs(save_dir, exist_ok=True)
             self._wandb = wandb.init(project=wandb_project, name=wandb_exp_name, dir=save_dir,
                                      id=run_id, resume="allow" if run_id else None,
-                                     mode=mode, config=config)
+                                     mode=mode, config=config, settings=wandb.Settings(silent=True))
+            if mode == "offline":   # wandb is silenced; say once where the run went
+                print(f"wandb: offline run in {os.path.dirname(self._wandb.dir)} "
+                      f"(upload it with `wandb sync` on that directory)", flush=True)
+            # Plot against our iteration, not wandb's own step: after a recovery the run
+            # resumes and logs iterations again that wandb's monotonic step would drop.
+            self._wandb.define_metric("iteration")
+            for section in ("train", "valid", "recovery"):
+                self._wandb.define_metric(f"{section}/*", step_metric="iteration")
 
     def console(self, line: str) -> None:
         if self.enabled:
@@ -65,9 +73,9 @@ class MetricsLogger:
         record = {"time": time.time(), **record}
         _append_jsonl(self.metrics_path, record)
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in record.items()
-                             if isinstance(v, (int, float)) and k != "iteration"},
-                            step=record["iteration"])
+            self._wandb.log({"iteration": record["iteration"],
+                             **{f"train/{k}": v for k, v in record.items()
+                                if isinstance(v, (int, float)) and k != "iteration"}})
 
     def log_eval(self, iteration: int, values: dict) -> None:
         if not self.enabled:
@@ -75,15 +83,18 @@ class MetricsLogger:
         _append_jsonl(self.metrics_path, {"time": time.time(), "iteration": iteration,
                                           **{f"valid_{k}": v for k, v in values.items()}})
         if self._wandb is not None:
-            self._wandb.log({f"valid/{k}": v for k, v in values.items()}, step=iteration)
+            self._wandb.log({"iteration": iteration, **{f"valid/{k}": v for k, v in values.items()}})
 
     def log_recovery(self, record: dict) -> None:
         if not self.enabled:
             return
         _append_jsonl(self.recovery_path, record)
         if self._wandb is not None:
-            self._wandb.log({f"recovery/{k}": v for k, v in record.items()
-                             if isinstance(v, (int, float))}, step=record.get("iteration"))
+            values = {f"recovery/{k}": v for k, v in record.items()
+                      if isinstance(v, (int, float)) and k != "iteration"}
+            if "iteration" in record:
+                values["iteration"] = record["iteration"]
+            self._wandb.log(values)
 
     def close(self) -> None:
         if self._wandb is not None:

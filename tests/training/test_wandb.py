@@ -1,0 +1,75 @@
+"""wandb without an account: an offline run under <log-dir>/wandb, plotted against `iteration`."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from tests.e2e import run_pretrain, tiny_gpt_args
+
+wandb = pytest.importorskip("wandb")
+
+
+def read_offline_run(run_dir) -> list:
+    """The records of an offline run's `.wandb` file (a LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, block, chunk, out = path.read_bytes(), 7, 32768, b"", []   # 7-byte file header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:          # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):                   # FULL or LAST fragment: a whole record
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            out.append(record)
+            chunk = b""
+    return out
+
+
+def logged(records, key: str) -> list:
+    rows = [{i.nested_key[0] if i.nested_key else i.key: i.value_json for i in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+    return [(int(row["iteration"]), float(row[key])) for row in rows if key in row]
+
+
+def step_metrics(records) -> dict:
+    return {r.metric.glob_name: r.metric.step_metric for r in records
+            if r.WhichOneof("record_type") == "metric" and r.metric.glob_name}
+
+
+def test_offline_run_under_log_dir_indexed_by_iteration(byte_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_elsewhere"))   # --log-dir wins
+    log_dir = tmp_path / "log"
+    argv = tiny_gpt_args(byte_corpus, str(log_dir), "--train-iters", "4", "--log-interval", "2",
+                         "--eval-interval", "4", "--eval-iters", "1", "--wandb-project", "demo",
+                         "--wandb-exp-name", "smoke")
+    run_pretrain(tmp_path, argv)
+    (run_dir,) = (log_dir / "wandb").glob("wandb/offline-run-*")
+    records = read_offline_run(run_dir)
+    assert [it for it, _ in logged(records, "train/loss")] == [2, 4]
+    assert [it for it, _ in logged(records, "valid/loss")] == [4]
+    assert {"train/*": "iteration", "valid/*": "iteration", "recovery/*": "iteration"}.items() \
+        <= step_metrics(records).items()
+
+
+def test_iterations_logged_again_after_a_recovery_are_kept(tmp_path, monkeypatch):
+    # After a rollback the resumed run logs iterations it has logged before; a wandb `step`
+    # would have to grow monotonically and drop them.
+    from gemini_lm.training.metrics import MetricsLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = MetricsLogger(str(tmp_path), enabled=True, wandb_project="demo", run_id="resumed")
+    for iteration, loss in [(5, 3.0), (6, 2.9), (5, 3.1)]:
+        logger.log_iteration({"iteration": iteration, "loss": loss})
+    logger.log_recovery({"iteration": 5, "retrieval_s": 0.25})
+    logger.close()
+    (run_dir,) = (tmp_path / "wandb").glob("wandb/offline-run-*-resumed")
+    records = read_offline_run(run_dir)
+    assert logged(records, "train/loss") == [(5, 3.0), (6, 2.9), (5, 3.1)]
+    assert logged(records, "recovery/retrieval_s") == [(5, 0.25)]
