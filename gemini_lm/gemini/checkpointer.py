@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed as dist
 
+from gemini_lm.gemini.interleave import TrafficScheduler
 from gemini_lm.gemini.placement import plan_placement, replication_plan
 from gemini_lm.gemini.persist import Persister
 from gemini_lm.gemini.recovery import RankInfo, machine_leaders
@@ -68,9 +69,13 @@ class Checkpointer:
             self.persister = Persister(self.store, save, ps.tp_rank, ps.tp_size, finalizer=ps.rank == 0,
                                        keep=cfg.checkpoint.save_keep, metadata=state.metadata,
                                        log=print)
+            self.persister.window_hook = None
         self._stats: dict = {}
         self.last_record = None
         self._pending = None
+        self.window_hook = None
+        self.traffic = TrafficScheduler(g, ps.timeline, log=logger.console)
+        self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in self.routes if r.src_rank == ps.rank}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemini-commit")
 
     # ---- start-up ---------------------------------------------------------------------
@@ -83,9 +88,10 @@ class Checkpointer:
             elif result.summary:
                 self.logger.console(result.summary)
         if self.routes:
-            chunk = max(1, int(self.cfg.gemini.gemini_buffer_mb * 2**20 / self.cfg.gemini.gemini_sub_buffers))
             self.replicator = Replicator(self.routes, self.ps.rank, self.repl_group, self.store,
-                                         self.machine, chunk_bytes=chunk)
+                                         self.machine, chunk_bytes=self.traffic.chunk_bytes,
+                                         timeline=self.ps.timeline, on_sent=self.traffic.observe)
+            self.replicator.window_hook = self.window_hook
         if self.is_writer:
             self.store.prepare(self.ps.shard_id, self.layout.nbytes)
 
@@ -96,8 +102,10 @@ class Checkpointer:
 
     def _snapshot(self, iteration: int) -> None:
         t0 = time.perf_counter()
-        # The previous snapshot must be committed and shipped before its slot can be reused.
-        wait_s = self._drain()
+        replicate = self.replicator is not None and self.traffic.replicate(iteration)
+        # Before the slot can be reused, the previous snapshot must be committed; before a
+        # replicated snapshot, the previous one must also have reached its peers.
+        wait_s = self._drain(replication=replicate)
         t1 = time.perf_counter()
         w = self.store.begin_write(self.ps.shard_id, self.layout.nbytes, self.layout.layout_hash)
         try:
@@ -108,28 +116,44 @@ class Checkpointer:
         t2 = time.perf_counter()
         # Checksum + commit record + hand-off to replication/persistence happen off the
         # training thread: the loop is blocked only for the copy into shared memory.
-        self._pending = self._worker.submit(self._commit_and_ship, w, iteration)
+        self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate)
+        if replicate and not self.traffic.interleave:
+            wait_s += self._drain()   # the blocking baseline: the step waits for its traffic
         self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_wait_s": wait_s,
                        "gemini_blocking_s": time.perf_counter() - t0,
                        "gemini_snapshot_bytes": self.layout.nbytes}
 
-    def _commit_and_ship(self, w, iteration: int):
+    def set_window_hook(self, hook) -> None:
+        """`hook(window, iteration)` runs inside each checkpoint window — "snapshot" (payload
+        written, not committed), "replication" (sender: header sent, payload not; receiver:
+        payload in, not committed), "persist" (about to write) — for failure injection."""
+        self.window_hook = hook
+        if self.replicator is not None:
+            self.replicator.window_hook = hook
+        if self.persister is not None:
+            self.persister.window_hook = hook
+
+    def _commit_and_ship(self, w, iteration: int, replicate: bool):
+        if self.window_hook is not None:
+            self.window_hook("snapshot", iteration)
         rec = self.store.commit(w, iteration)
         self.last_record = rec
-        if self.replicator is not None:
-            self.replicator.submit(self.store.open(rec, verify=False), self.ps.shard_id)
+        if replicate:
+            self.traffic.maybe_plan(self._peer_bytes)
+            self.replicator.submit(self.store.open(rec, verify=False), self.ps.shard_id,
+                                   chunker=self.traffic.chunks)
         c = self.cfg.checkpoint
         if self.persister and c.save_interval and iteration % c.save_interval == 0:
             self.persister.submit(rec)
         return rec
 
-    def _drain(self) -> float:
-        """Wait for the previous snapshot's commit and replication; seconds waited."""
+    def _drain(self, replication: bool = True) -> float:
+        """Wait for the previous snapshot's commit (and replication); seconds waited."""
         t0 = time.perf_counter()
         if self._pending is not None:
             self._pending.result()   # re-raises a failed commit on the training thread
             self._pending = None
-        if self.replicator is not None:
+        if replication and self.replicator is not None:
             self.replicator.wait()
         return time.perf_counter() - t0
 
@@ -139,10 +163,16 @@ class Checkpointer:
             out["gemini_repl_send_s"] = self.replicator.last_send_s
         if self.persister is not None and self.persister.last_persist_s is not None:
             out["gemini_persist_s"] = self.persister.last_persist_s
+        plan = self.traffic.plan
+        if plan is not None:
+            out["gemini_interleave_every"] = self.traffic.every
+            out["gemini_interleave_leftover_bytes"] = plan.leftover_bytes
+            out["gemini_interleave_predicted_extra_s"] = plan.predicted_extra_s
         return out
 
     # ---- shutdown ---------------------------------------------------------------------
     def close(self, iteration: int, clean: bool) -> None:
+        self.ps.timeline.release_waiters()   # chunks waiting for a next iteration go now
         if clean:
             self._drain()
         if self.replicator is not None:

@@ -34,6 +34,7 @@ class Persister:
         self.last_persist_s: float | None = None
         self.last_iteration: int | None = None
         self.error: BaseException | None = None
+        self.window_hook = None   # failure injection: see Checkpointer.set_window_hook
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._loop, name="gemini-persist", daemon=True)
         self._thread.start()
@@ -54,6 +55,8 @@ class Persister:
                 if rec is None:
                     return
                 t0 = time.perf_counter()
+                if self.window_hook is not None:
+                    self.window_hook("persist", rec.iteration)
                 self.persist(rec)
                 self.last_persist_s = time.perf_counter() - t0
                 self.last_iteration = rec.iteration

@@ -7,7 +7,8 @@ that machine's store. Traffic runs on a process group of its own, from threads, 
 training collectives never queue behind checkpoint bytes.
 
 Wire format per snapshot: a fixed-size header (JSON in a uint8 tensor: iteration,
-nbytes, checksum, layout hash, sender machine), then the payload in chunks. The
+nbytes, checksum, layout hash, sender machine, chunk count), the chunk sizes (int64),
+then the payload in those chunks; the receiver answers with the iteration once committed. The
 receiver writes chunks straight into the store's slot and commits only after the last
 one with the sender's checksum, so a replica is never visible half-written. An
 iteration of -1 in the header ends the stream.
@@ -15,7 +16,7 @@ iteration of -1 in the header ends the stream.
 Sending is asynchronous: `submit()` hands a committed slot to the sender thread and
 returns; `wait()` blocks until the previous snapshot is fully sent. The checkpointer
 calls `wait()` before reusing a slot, so the slot being sent is never overwritten.
-A `gate` callable (the interleaving scheduler) may hold each chunk until its gap.
+A chunker (the interleaving scheduler) decides the chunks and when each may go.
 """
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ def _decode_header(t: torch.Tensor) -> dict:
 
 class Replicator:
     def __init__(self, routes: list[Route], rank: int, group, store, machine_id: str,
-                 chunk_bytes: int, gate: Callable[[int], None] | None = None, log=print):
+                 chunk_bytes: int, timeline=None, on_sent: Callable | None = None):
         self.rank, self.group, self.store = rank, group, store
-        self.machine_id, self.chunk_bytes, self.gate, self.log = machine_id, chunk_bytes, gate, log
+        self.machine_id, self.chunk_bytes = machine_id, chunk_bytes
+        self.timeline, self.on_sent = timeline, on_sent
+        self.window_hook: Callable | None = None   # failure injection: see Checkpointer.set_window_hook
         self.out_routes = [r for r in routes if r.src_rank == rank]
         self.in_routes = [r for r in routes if r.dst_rank == rank]
         self.error: BaseException | None = None
@@ -80,16 +83,18 @@ class Replicator:
             t.start()
 
     # ---- sending ----------------------------------------------------------------------
-    def submit(self, view, shard: str) -> None:
+    def submit(self, view, shard: str, chunker: Callable | None = None) -> None:
         """Send a pinned committed snapshot (store.SnapshotView) to this shard's peers; the
-        view is closed once sent."""
+        view is closed once sent. `chunker(peer, nbytes, iteration)` gives the chunks as
+        [(offset, size, when)], when = None (now) or (iteration, seconds into it | None)
+        for the timeline to wait on; default: fixed-size chunks, sent at once."""
         routes = [r for r in self.out_routes if r.shard == shard]
         if not routes:
             view.close()
             return
         self._raise_if_failed()
         self._idle.clear()
-        self._jobs.put((view, routes))
+        self._jobs.put((view, routes, chunker))
 
     def wait(self) -> float:
         """Block until everything submitted is sent; returns the seconds spent waiting."""
@@ -103,12 +108,17 @@ class Replicator:
             job = self._jobs.get()
             if job is None:
                 return
-            view, routes = job
+            view, routes, chunker = job
             try:
                 t0 = time.perf_counter()
                 rec = view.record
                 for r in routes:
-                    self._send_one(view.buffer, rec, r)
+                    if chunker is None:
+                        chunks = [(off, min(self.chunk_bytes, rec.nbytes - off), None)
+                                  for off in range(0, rec.nbytes, self.chunk_bytes)]
+                    else:
+                        chunks = chunker(r.dst_machine, rec.nbytes, rec.iteration)
+                    self._send_one(view.buffer, rec, r, chunks)
                 self.last_send_s = time.perf_counter() - t0
             except BaseException as exc:  # noqa: BLE001 - surfaced to the training thread
                 self.error = exc
@@ -117,16 +127,31 @@ class Replicator:
                 if self._jobs.empty():
                     self._idle.set()
 
-    def _send_one(self, buffer, rec, route: Route) -> None:
+    def _send_one(self, buffer, rec, route: Route, chunks: list) -> None:
         header = {"iteration": rec.iteration, "nbytes": rec.nbytes, "checksum": rec.checksum,
-                  "layout_hash": rec.layout_hash, "machine": self.machine_id}
+                  "layout_hash": rec.layout_hash, "machine": self.machine_id, "chunks": len(chunks)}
+        t0 = time.perf_counter()
         dist.send(_encode_header(header), route.dst_rank, group=self.group)
+        dist.send(torch.tensor([n for _, n, _ in chunks], dtype=torch.int64), route.dst_rank, group=self.group)
+        header_s = time.perf_counter() - t0
+        if self.window_hook is not None:
+            self.window_hook("replication", rec.iteration)
         data = torch.frombuffer(buffer, dtype=torch.uint8)
-        for off in range(0, rec.nbytes, self.chunk_bytes):
-            if self.gate is not None:
-                self.gate(min(self.chunk_bytes, rec.nbytes - off))
-            dist.send(data[off:off + self.chunk_bytes], route.dst_rank, group=self.group)
-            self.bytes_sent += min(self.chunk_bytes, rec.nbytes - off)
+        timings = []
+        for off, n, when in chunks:
+            if when is not None and self.timeline is not None:
+                self.timeline.wait_until(*when)
+            t = time.perf_counter()
+            dist.send(data[off:off + n], route.dst_rank, group=self.group)
+            timings.append((n, time.perf_counter() - t))
+            self.bytes_sent += n
+        # The receiver acknowledges its commit: "sent" then means "complete on the peer".
+        ack = torch.zeros(1, dtype=torch.int64)
+        dist.recv(ack, route.dst_rank, group=self.group)
+        if int(ack) != rec.iteration:
+            raise RuntimeError(f"{route.dst_machine} acknowledged iteration {int(ack)}, not {rec.iteration}")
+        if self.on_sent is not None:
+            self.on_sent(header_s / 2, timings)   # two small messages in the header phase
 
     # ---- receiving --------------------------------------------------------------------
     def _recv_loop(self, route: Route) -> None:
@@ -137,16 +162,24 @@ class Replicator:
                 h = _decode_header(header)
                 if h["iteration"] == STOP:
                     return
+                sizes = torch.empty(h["chunks"], dtype=torch.int64)
+                dist.recv(sizes, route.src_rank, group=self.group)
                 w = self.store.begin_write(route.shard, h["nbytes"], h["layout_hash"])
                 try:
-                    for off in range(0, h["nbytes"], self.chunk_bytes):
-                        # Receive straight into shared memory: no bounce buffer on CPU.
-                        dist.recv(w.buffer[off:off + self.chunk_bytes], route.src_rank, group=self.group)
+                    off = 0
+                    for n in sizes.tolist():
+                        # Receive straight into shared memory: on CPU the store is the
+                        # receive buffer, so there is no bounce copy to pipeline.
+                        dist.recv(w.buffer[off:off + n], route.src_rank, group=self.group)
+                        off += n
                 except BaseException:
                     self.store.abort(w)
                     raise
+                if self.window_hook is not None:
+                    self.window_hook("replication", h["iteration"])
                 self.store.commit(w, h["iteration"], checksum=h["checksum"], source=h["machine"])
                 self.received[route.shard] = h["iteration"]
+                dist.send(torch.tensor([h["iteration"]], dtype=torch.int64), route.src_rank, group=self.group)
             except BaseException as exc:  # noqa: BLE001 - a dead peer ends the stream
                 self.error = exc
                 return

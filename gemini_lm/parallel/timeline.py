@@ -27,7 +27,8 @@ class IterationTimeline:
     iteration: int
     t0: float                      # time.perf_counter() at the iteration start
     spans: list = field(default_factory=list)
-    duration: float | None = None  # set by end_iteration()
+    duration: float | None = None      # set by end_iteration()
+    update_start: float | None = None  # seconds since t0 when the optimizer update began
 
 
 class CollectiveTimeline:
@@ -35,10 +36,28 @@ class CollectiveTimeline:
         self._done: collections.deque[IterationTimeline] = collections.deque(maxlen=keep)
         self._current: IterationTimeline | None = None
         self._lock = threading.Lock()  # DP bucket hooks may complete on another thread
+        # Checkpoint senders wait on this for "iteration i is x seconds in" / "its update began".
+        self._changed = threading.Condition()
+        self._last_iteration = 0          # newest iteration begun
+        self._last_update = 0             # newest iteration whose update began
+        self._released = False
         self.enabled = True
 
     def begin_iteration(self, iteration: int) -> None:
-        self._current = IterationTimeline(iteration, time.perf_counter())
+        with self._changed:
+            self._current = IterationTimeline(iteration, time.perf_counter())
+            self._last_iteration = iteration
+            self._changed.notify_all()
+
+    def mark_update(self) -> None:
+        """The optimizer update of the current iteration begins now."""
+        cur = self._current
+        if cur is None:
+            return
+        with self._changed:
+            cur.update_start = time.perf_counter() - cur.t0
+            self._last_update = cur.iteration
+            self._changed.notify_all()
 
     def end_iteration(self) -> None:
         cur = self._current
@@ -48,6 +67,30 @@ class CollectiveTimeline:
         with self._lock:
             self._done.append(cur)
         self._current = None
+
+    def wait_until(self, iteration: int, offset_s: float | None, timeout: float | None = None) -> bool:
+        """Block until `iteration` is `offset_s` seconds in (None: until its update began),
+        or a later iteration has begun. False on timeout."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        with self._changed:
+            while True:
+                if self._last_iteration > iteration or self._released:
+                    return True
+                remaining = None if deadline is None else deadline - time.perf_counter()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self._last_iteration == iteration:
+                    if offset_s is None:
+                        if self._last_update >= iteration:
+                            return True
+                    else:
+                        cur = self._current
+                        elapsed = time.perf_counter() - cur.t0 if cur is not None else offset_s
+                        if elapsed >= offset_s:
+                            return True
+                        wait = offset_s - elapsed
+                        remaining = wait if remaining is None else min(wait, remaining)
+                self._changed.wait(remaining)
 
     def now(self) -> float:
         """Seconds since the current iteration began (0 outside an iteration)."""
@@ -70,6 +113,12 @@ class CollectiveTimeline:
             yield
         finally:
             self.record(kind, group, nbytes, start, time.perf_counter())
+
+    def release_waiters(self) -> None:
+        """Training is over: no iteration will come, so nobody should wait for one."""
+        with self._changed:
+            self._released = True
+            self._changed.notify_all()
 
     def iterations(self) -> list[IterationTimeline]:
         with self._lock:

@@ -10,12 +10,11 @@ from outside by polling. So `--during WINDOW` works in two steps:
    of its whole machine, SIGTERM, or leaves it stopped for a hang) with real signals.
 
 Windows (the points are hooked once, at attach; unarmed, each costs a None check):
-- snapshot: the payload is in the slot, the commit record not yet written (store.commit
-  called from the training thread);
-- replication: on a sender, the header of a snapshot went out, its payload not yet
-  (replicator.gate); on a receiver, the whole payload arrived, the replica is not
-  committed (store.commit from a receiving thread);
+- snapshot: the payload is in the slot, the commit record not yet written;
+- replication: on a sender, the header of a snapshot went out, its payload not yet; on
+  a receiver, the whole payload arrived, the replica is not committed;
 - persist: the persister thread has been handed a snapshot and is about to write it.
+(The checkpointer calls the hook at each: Checkpointer.set_window_hook.)
 """
 from __future__ import annotations
 
@@ -53,35 +52,8 @@ class Breakpoints:
             self.armed = window
 
     def attach(self, checkpointer) -> None:
-        store = getattr(checkpointer, "store", None)
-        if store is not None:
-            commit = store.commit
-
-            def hooked_commit(w, iteration, *args, **kwargs):
-                on_main = threading.current_thread() is threading.main_thread()
-                self.point("snapshot" if on_main else "replication", iteration)
-                return commit(w, iteration, *args, **kwargs)
-
-            store.commit = hooked_commit
-        replicator = getattr(checkpointer, "replicator", None)
-        if replicator is not None:
-            gate = replicator.gate
-
-            def hooked_gate(nbytes: int):
-                self.point("replication", None)
-                if gate is not None:
-                    gate(nbytes)
-
-            replicator.gate = hooked_gate
-        persister = getattr(checkpointer, "persister", None)
-        if persister is not None:
-            persist = persister.persist
-
-            def hooked_persist(rec):
-                self.point("persist", rec.iteration)
-                return persist(rec)
-
-            persister.persist = hooked_persist
+        if hasattr(checkpointer, "set_window_hook"):
+            checkpointer.set_window_hook(self.point)
 
     def point(self, window: str, iteration: int | None) -> None:
         if self.armed != window:

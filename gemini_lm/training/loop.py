@@ -113,6 +113,10 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
     num_samples = (t.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, 0)
 
     def read_inputs():
+        c = cfg.checkpoint
+        # --load equal to --save may not exist yet (the first run of a job); any other may not.
+        if c.load and c.load != c.save and not os.path.isdir(c.load):
+            raise UsageError(f"--load {c.load}: no such directory")
         tokenizer = build_tokenizer_and_data(cfg)
         tcfg = build_transformer_config(cfg, tokenizer.vocab_size, ps.tp_size)
         return tcfg, datasets_provider(cfg, tokenizer, num_samples)

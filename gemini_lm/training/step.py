@@ -43,6 +43,7 @@ def train_step(forward_step: Callable, data_iter: Iterator, model, ddp, optimize
             optimizer.scale_loss(loss / num_micro_batches).backward()
         losses.append(loss.detach())
     ddp.finish_grad_sync()
+    ps.timeline.mark_update()   # checkpoint traffic that did not fit in the gaps may go now
     result = optimizer.step(iteration)
     if result.update_successful:
         scheduler.step()

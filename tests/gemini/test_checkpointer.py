@@ -20,7 +20,7 @@ def _args(data, tmp_path, name, iters, *extra):
     log_dir = str(tmp_path / name)
     return log_dir, tiny_gpt_args(data, log_dir, "--train-iters", str(iters), "--lr-decay-iters", "20",
                                   "--gemini-store-dir", str(tmp_path / "shm"), "--gemini-job-id", JOB,
-                                  "--gemini-keep-store", *extra)
+                                  "--gemini-keep-store", "--gemini-profile-iters", "2", *extra)
 
 
 def _store(tmp_path, machine):

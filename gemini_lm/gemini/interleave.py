@@ -1,0 +1,122 @@
+"""TrafficScheduler: when each checkpoint chunk may travel (GEMINI's traffic interleaving).
+
+Phases of a run, with `--gemini-interleave on`:
+
+1. Profiling (`--gemini-profile-iters`): no replication. The collective timeline records
+   every TP/DP collective and when each optimizer update starts.
+2. Measuring: the first replicated snapshot goes eagerly; the replicator reports how long
+   its header (≈ α, the per-message cost) and each chunk took, giving the bandwidth B.
+3. Interleaving: gaps = robust (median) idle gaps of the profiled iterations; the pure
+   planner (schedule.py) fills them with chunks of R/p bytes, the rest goes when the
+   update begins. The snapshot of iteration k is sent during iteration k+1. If sending it
+   takes longer than mu of an iteration, it is spread over the gaps of k+1..k+j and only
+   every j-th snapshot is replicated (the log says so). The sender thread waits for each chunk's moment on
+   the timeline (`CollectiveTimeline.wait_until`).
+
+Unlike GPU GEMINI, our snapshot is already a complete copy in CPU shared memory before
+any byte travels, so an update cannot corrupt a snapshot in flight; the hard deadline
+is the next replicated snapshot, which waits for the previous one (Checkpointer._drain).
+
+`--gemini-interleave off` is the paper's blocking baseline: every snapshot is sent
+eagerly and the training thread waits for it right after the step.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+from gemini_lm.gemini.schedule import ScheduleInputs, gaps_from_timelines, plan_schedule
+
+_MIN_SAMPLES = 2   # bandwidth samples (chunks) needed before planning
+
+
+class TrafficScheduler:
+    def __init__(self, gcfg, timeline, log=print):
+        self.interleave = gcfg.gemini_interleave == "on"
+        self.profile_iters = gcfg.gemini_profile_iters if self.interleave else 0
+        self.buffer_bytes = max(1, int(gcfg.gemini_buffer_mb * 2**20))
+        self.num_buffers = gcfg.gemini_sub_buffers
+        self.mu = gcfg.gemini_gap_safety
+        self.timeline, self.log = timeline, log
+        self.every = 1                 # replicate every j-th snapshot
+        self.first: int | None = None  # first replicated iteration
+        self.plan = None
+        self._period = 0.0
+        self.alpha_samples: list[float] = []
+        self.bandwidth_samples: list[float] = []
+
+    @property
+    def chunk_bytes(self) -> int:
+        return max(1, self.buffer_bytes // self.num_buffers)
+
+    # ---- which snapshots travel -------------------------------------------------------
+    def replicate(self, iteration: int) -> bool:
+        if iteration <= self.profile_iters:
+            return False
+        if self.first is None:
+            self.first = iteration
+        return (iteration - self.first) % self.every == 0
+
+    # ---- measurements from the replicator ---------------------------------------------
+    def observe(self, header_s: float, chunks: list[tuple[int, float]]) -> None:
+        """One snapshot's send timings: the small header ≈ α; big chunks give B."""
+        self.alpha_samples.append(header_s)
+        for nbytes, secs in chunks:
+            if secs > header_s and nbytes >= 4096:
+                self.bandwidth_samples.append(nbytes / (secs - header_s))
+
+    @property
+    def alpha(self) -> float:
+        return statistics.median(self.alpha_samples) if self.alpha_samples else 0.0
+
+    @property
+    def bandwidth(self) -> float:
+        return statistics.median(self.bandwidth_samples) if self.bandwidth_samples else math.inf
+
+    # ---- the plan ---------------------------------------------------------------------
+    def maybe_plan(self, peer_bytes: dict[str, int]) -> None:
+        if not self.interleave or self.plan is not None or len(self.alpha_samples) < 1 \
+                or len(self.bandwidth_samples) < _MIN_SAMPLES:
+            return
+        profiled = [it for it in self.timeline.iterations() if it.iteration <= self.profile_iters
+                    and it.update_start is not None]
+        if not profiled:
+            return
+        update_s = statistics.median(it.update_start for it in profiled)
+        gaps, spread = gaps_from_timelines(profiled, update_start_s=update_s)
+        iteration_s = spread.duration_median_s or update_s
+        inputs = ScheduleInputs(gaps=gaps, update_s=update_s, peer_bytes=peer_bytes,
+                                buffer_bytes=self.buffer_bytes, num_buffers=self.num_buffers,
+                                bandwidth=self.bandwidth, alpha=self.alpha, mu=self.mu)
+        # "Fits in one iteration" = its transfer takes at most mu of an iteration: the
+        # gaps take what they can and the rest goes when the update begins. Only a
+        # checkpoint slower than that to send is spread over j iterations' gaps.
+        chunk = inputs.chunk_bytes
+        send_s = sum(math.ceil(n / chunk) * self.alpha + n / self.bandwidth for n in peer_bytes.values())
+        j = max(1, math.ceil(send_s / (self.mu * iteration_s))) if iteration_s > 0 else 1
+        self._period = iteration_s if j > 1 else 0.0   # gaps of iteration k are shifted by k periods
+        self.plan = plan_schedule(inputs, iterations=j, iteration_time_s=iteration_s if j > 1 else None)
+        if j > 1:
+            self.every = j
+            self.log(f"GEMINI: the checkpoint does not fit in one iteration's gaps; "
+                     f"replicating every {j} iterations")
+        self.log(f"GEMINI interleaving plan: {self.plan.describe()} Profiled gaps: {spread.describe()}")
+
+    def chunks(self, peer: str, nbytes: int, iteration: int) -> list[tuple[int, int, tuple | None]]:
+        """[(offset, size, when)] for sending `nbytes` of snapshot `iteration` to `peer`;
+        when = (iteration to wait for, seconds into it, or None for "its update began")."""
+        if self.plan is None or not self.interleave:
+            step = self.chunk_bytes
+            return [(off, min(step, nbytes - off), None) for off in range(0, nbytes, step)]
+        plan, out = self.plan, []
+        per_iter = max(1, len(plan.gaps) // plan.iterations)
+        period = self._period
+        for c in plan.chunks:
+            if c.peer != peer:
+                continue
+            if c.gap_index is None:
+                out.append((c.offset, c.nbytes, (iteration + plan.iterations, None)))
+            else:
+                k = c.gap_index // per_iter
+                out.append((c.offset, c.nbytes, (iteration + 1 + k, c.planned_start_s - k * period)))
+        return out
