@@ -154,7 +154,7 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
     valid_iter_factory = (lambda: micro_batches(valid_ds, 0, t.micro_batch_size, ps.dp_rank, ps.dp_size)) \
         if valid_ds is not None else (lambda: None)
     tokens_per_iter = gbs * cfg.model.seq_length
-    window_t0, window_iters = time.perf_counter(), 0
+    window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
     iteration = start_iteration
     clean = False
     try:
@@ -169,10 +169,12 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
                 timeline.first_iteration_done(iteration)
             iter_time = time.perf_counter() - t_iter
             window_iters += 1
+            window_loss = window_loss + out.loss.detach()
             if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
-                loss = reduce_mean_over_dp(out.loss, ps)
+                # Megatron's reported loss: the mean over the log interval, not one noisy batch.
+                loss = reduce_mean_over_dp(window_loss / window_iters, ps)
                 elapsed = (time.perf_counter() - window_t0) / window_iters
-                window_t0, window_iters = time.perf_counter(), 0
+                window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
                 record = {"iteration": iteration, "loss": loss, "lr": scheduler.get_lr(),
                           "iter_time_s": elapsed, "last_iter_time_s": iter_time,
                           "tokens_per_s": tokens_per_iter / elapsed, "grad_norm": out.grad_norm,
