@@ -66,6 +66,7 @@ def _corrupt_copy(src_prefix: str, dst_prefix: str, truncate: str | None = None,
     (["--tokenizer-type", "NoSuchTokenizer"], "unknown tokenizer type 'NoSuchTokenizer'"),
     (["--split", "0,1,0"], "leaves nothing to train on"),
     (["--log-dir", os.devnull + "/log"], "--log-dir"),
+    (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory"),
 ])
 def test_bad_flags(run, flags, message):
     assert_usage_error(*run(*flags), message)
