@@ -187,7 +187,8 @@ def validate(cfg: Config, world_size: int) -> None:
     p, t = cfg.parallel, cfg.training
     tp = p.tensor_model_parallel_size
     if tp < 1 or world_size % tp:
-        raise UsageError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+        hint = f" (launch ranks with torchrun --nproc-per-node {tp})" if world_size == 1 and tp > 1 else ""
+        raise UsageError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}{hint}")
     dp = world_size // tp
     if t.micro_batch_size < 1:
         raise UsageError("--micro-batch-size must be >= 1")
