@@ -19,6 +19,7 @@ from gemini_lm.data.tokenizer import build_tokenizer
 from gemini_lm.errors import UsageError
 from gemini_lm.models.config import TransformerConfig, pad_vocab_size
 from gemini_lm.parallel.random import model_parallel_seed
+from gemini_lm.parallel.utils import is_tensor_parallel
 from gemini_lm.resilience.handler import failure_handler_for
 from gemini_lm.resilience.timeline import RecoveryTimeline
 from gemini_lm.training.checkpointing import PersistentCheckpointer, check_writable
@@ -142,10 +143,11 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
     failures.attach(checkpointer)
     failures.start_watchdog()
     start_iteration = progress.iteration
-    nparams = sum(p.numel() for p in model.parameters())
+    # Shards count TP times, replicated parameters (LayerNorms, positions) once.
+    nparams = sum(p.numel() * (ps.tp_size if is_tensor_parallel(p) else 1) for p in model.parameters())
     logger.console(
         f"gemini_lm: world {ps.world_size} (TP {ps.tp_size} x DP {ps.dp_size}) on {ps.device}; "
-        f"{tcfg.num_layers} layers, hidden {tcfg.hidden_size}, {nparams * ps.tp_size / 1e6:.2f}M params; "
+        f"{tcfg.num_layers} layers, hidden {tcfg.hidden_size}, {nparams / 1e6:.2f}M params; "
         f"global batch {gbs} = {t.micro_batch_size} x {n_micro} micro x {ps.dp_size} DP; "
         f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.1f}s")
 
