@@ -2,7 +2,6 @@
 mapping between them. Configs are built locally: nothing is downloaded."""
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining
 
 from gemini_lm.errors import UsageError
