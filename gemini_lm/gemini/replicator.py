@@ -32,6 +32,9 @@ import torch.distributed as dist
 
 HEADER_BYTES = 512
 STOP = -1
+# Two machines may replicate to each other: each rank then has a sending and a receiving
+# thread talking to the same peer. Separate tags keep data and acks from crossing.
+DATA_TAG, ACK_TAG = 1, 2
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,9 @@ class Replicator:
         header = {"iteration": rec.iteration, "nbytes": rec.nbytes, "checksum": rec.checksum,
                   "layout_hash": rec.layout_hash, "machine": self.machine_id, "chunks": len(chunks)}
         t0 = time.perf_counter()
-        dist.send(_encode_header(header), route.dst_rank, group=self.group)
-        dist.send(torch.tensor([n for _, n, _ in chunks], dtype=torch.int64), route.dst_rank, group=self.group)
+        dist.send(_encode_header(header), route.dst_rank, group=self.group, tag=DATA_TAG)
+        dist.send(torch.tensor([n for _, n, _ in chunks], dtype=torch.int64), route.dst_rank,
+                  group=self.group, tag=DATA_TAG)
         header_s = time.perf_counter() - t0
         if self.window_hook is not None:
             self.window_hook("replication", rec.iteration)
@@ -142,12 +146,12 @@ class Replicator:
             if when is not None and self.timeline is not None:
                 self.timeline.wait_until(*when)
             t = time.perf_counter()
-            dist.send(data[off:off + n], route.dst_rank, group=self.group)
+            dist.send(data[off:off + n], route.dst_rank, group=self.group, tag=DATA_TAG)
             timings.append((n, time.perf_counter() - t))
             self.bytes_sent += n
         # The receiver acknowledges its commit: "sent" then means "complete on the peer".
         ack = torch.zeros(1, dtype=torch.int64)
-        dist.recv(ack, route.dst_rank, group=self.group)
+        dist.recv(ack, route.dst_rank, group=self.group, tag=ACK_TAG)
         if int(ack) != rec.iteration:
             raise RuntimeError(f"{route.dst_machine} acknowledged iteration {int(ack)}, not {rec.iteration}")
         if self.on_sent is not None:
@@ -158,19 +162,19 @@ class Replicator:
         header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
         while True:
             try:
-                dist.recv(header, route.src_rank, group=self.group)
+                dist.recv(header, route.src_rank, group=self.group, tag=DATA_TAG)
                 h = _decode_header(header)
                 if h["iteration"] == STOP:
                     return
                 sizes = torch.empty(h["chunks"], dtype=torch.int64)
-                dist.recv(sizes, route.src_rank, group=self.group)
+                dist.recv(sizes, route.src_rank, group=self.group, tag=DATA_TAG)
                 w = self.store.begin_write(route.shard, h["nbytes"], h["layout_hash"])
                 try:
                     off = 0
                     for n in sizes.tolist():
                         # Receive straight into shared memory: on CPU the store is the
                         # receive buffer, so there is no bounce copy to pipeline.
-                        dist.recv(w.buffer[off:off + n], route.src_rank, group=self.group)
+                        dist.recv(w.buffer[off:off + n], route.src_rank, group=self.group, tag=DATA_TAG)
                         off += n
                 except BaseException:
                     self.store.abort(w)
@@ -179,7 +183,8 @@ class Replicator:
                     self.window_hook("replication", h["iteration"])
                 self.store.commit(w, h["iteration"], checksum=h["checksum"], source=h["machine"])
                 self.received[route.shard] = h["iteration"]
-                dist.send(torch.tensor([h["iteration"]], dtype=torch.int64), route.src_rank, group=self.group)
+                dist.send(torch.tensor([h["iteration"]], dtype=torch.int64), route.src_rank, group=self.group,
+                          tag=ACK_TAG)
             except BaseException as exc:  # noqa: BLE001 - a dead peer ends the stream
                 self.error = exc
                 return
@@ -195,7 +200,7 @@ class Replicator:
             stop = _encode_header({"iteration": STOP})
             for r in self.out_routes:
                 try:
-                    dist.send(stop, r.dst_rank, group=self.group)
+                    dist.send(stop, r.dst_rank, group=self.group, tag=DATA_TAG)
                 except Exception:  # noqa: BLE001 - peer already gone
                     pass
             self._jobs.put(None)
