@@ -60,8 +60,9 @@ class MetricsLogger:
                 self._wandb.define_metric(f"{section}/*", step_metric="iteration")
 
     def console(self, line: str) -> None:
-        if self.enabled:
-            print(line, flush=True)
+        if self.enabled:   # one write: lines from background threads never interleave
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def warn(self, line: str) -> None:
         if self.enabled:
