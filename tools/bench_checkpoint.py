@@ -4,9 +4,10 @@
 For the same state (fp32 params + two Adam moments shaped like a GPT; a tiny one and
 a ~100M-parameter one) it times, per checkpoint:
 
-  gemini      SnapshotLayout.write into a mapped shared-memory slot + commit (the
-              commit computes the xxh3 checksum, so it is on the blocking path)
-  gemini-bg   the same with checksum + commit on a background thread: blocked for the copy
+  gemini      what the Checkpointer does: SnapshotLayout.write into a mapped shared-memory
+              slot, then checksum + commit on a background thread (blocked for the copy;
+              the previous commit is waited for, untimed, before the next snapshot)
+  gemini-sync the same with checksum + commit on the blocking path
   torch.save  to a file on disk, flushed and fsynced
   async_save  torch.distributed.checkpoint.async_save until the call returns (staging);
               the background write is waited for before the next checkpoint, untimed
@@ -81,7 +82,7 @@ def bench_state(name: str, state: dict, args, work: str) -> dict:
     pending: list = []          # work a method left running in the background, waited for untimed
     parts: dict = {"gemini_copy_s": [], "gemini_commit_s": []}
 
-    def gemini(i):              # (a) the store's own hot path, checksum included
+    def gemini(i):              # (a) checksum + commit on the blocking path
         w = store.begin_write("tp00", layout.nbytes, layout.layout_hash)
         t0 = time.perf_counter()
         layout.write(state, w.buffer)
@@ -90,7 +91,7 @@ def bench_state(name: str, state: dict, args, work: str) -> dict:
         parts["gemini_copy_s"].append(t1 - t0)
         parts["gemini_commit_s"].append(time.perf_counter() - t1)
 
-    def gemini_bg(i):           # (a') checksum + commit on a background thread, as a checkpointer may do
+    def gemini_bg(i):           # (a') checksum + commit on a background thread, as the Checkpointer does
         w = store.begin_write("tp00", layout.nbytes, layout.layout_hash)
         layout.write(state, w.buffer)
         pending.append(pool.submit(store.commit, w, i))
@@ -166,8 +167,8 @@ def main() -> None:
           f"load={os.getloadavg()[0]:.1f}: median seconds the loop is blocked")
     print(f"{'state':<10} {'MB':>8} {'method':<12} {'blocked s':>10} {'GB/s':>7} {'x gemini':>9}")
     for r in results:
-        g = med(r["gemini_s"])
-        for key, label in (("gemini_s", "gemini"), ("gemini_bg_commit_s", "gemini-bg"), ("torch_save_s", "torch.save"),
+        g = med(r["gemini_bg_commit_s"])
+        for key, label in (("gemini_bg_commit_s", "gemini"), ("gemini_s", "gemini-sync"), ("torch_save_s", "torch.save"),
                            ("async_save_s", "async_save"), ("memcpy_s", "memcpy")):
             s = med(r[key])
             print(f"{r['state']:<10} {r['state_bytes'] / 1e6:>8.1f} {label:<12} {s:>10.4f} "
@@ -177,22 +178,23 @@ def main() -> None:
               f"(gemini: checksum + record; xxh3 alone {med(r['checksum_s']):.4f})")
 
     def summary(r: dict) -> dict:
-        g = med(r["gemini_s"])
+        g = med(r["gemini_bg_commit_s"])   # the Checkpointer's behaviour is the headline
         return {"state_bytes": r["state_bytes"], "tensors": r["tensors"],
-                "gemini_s": g, "gemini_copy_s": med(r["gemini_copy_s"]),
+                "gemini_s": g, "gemini_sync_commit_s": med(r["gemini_s"]),
+                "gemini_copy_s": med(r["gemini_copy_s"]),
                 "gemini_commit_s": med(r["gemini_commit_s"]), "checksum_s": med(r["checksum_s"]),
                 "torch_save_s": med(r["torch_save_s"]), "async_save_s": med(r["async_save_s"]),
                 "memcpy_s": med(r["memcpy_s"]), "gemini_bg_commit_s": med(r["gemini_bg_commit_s"]),
-                "fraction_of_memcpy_bandwidth_bg_commit": med(r["memcpy_s"]) / med(r["gemini_bg_commit_s"]),
-                "ratio_torch_save_over_gemini_bg_commit": med(r["torch_save_s"]) / med(r["gemini_bg_commit_s"]),
+                "fraction_of_memcpy_bandwidth_sync_commit": med(r["memcpy_s"]) / med(r["gemini_s"]),
+                "ratio_torch_save_over_gemini_sync_commit": med(r["torch_save_s"]) / med(r["gemini_s"]),
                 "ratio_torch_save_over_gemini": med(r["torch_save_s"]) / g,
                 "ratio_async_save_over_gemini": med(r["async_save_s"]) / g,
                 "fraction_of_memcpy_bandwidth": med(r["memcpy_s"]) / g,
-                "raw": {k: r[k] for k in ("gemini_s", "gemini_bg_commit_s", "torch_save_s", "async_save_s",
+                "raw": {k: r[k] for k in ("gemini_bg_commit_s", "gemini_s", "torch_save_s", "async_save_s",
                                           "memcpy_s")}}
 
     out = summary(results[-1])
-    out.update(state=results[-1]["state"], threads=args.threads, checksum_on_blocking_path=True,
+    out.update(state=results[-1]["state"], threads=args.threads, checksum_on_blocking_path=False,
                load_average=os.getloadavg()[0], tiny=summary(results[0]))
     print(json.dumps(out))
 
