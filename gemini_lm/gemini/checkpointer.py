@@ -41,7 +41,9 @@ class Checkpointer:
         g = cfg.gemini
         self.interval = g.gemini_interval
         self.machine = machine_id()
-        self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine)
+        # On CUDA the slots are page-locked, so the snapshot is an async DMA from the GPU.
+        self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine,
+                                 pin_memory=ps.device.type == "cuda")
         self.layout = SnapshotLayout.build(state.tensors(), state.metadata)
         me = RankInfo(ps.rank, self.machine, ps.shard_id, self.layout.layout_hash)
         infos: list = [None] * ps.world_size
@@ -51,11 +53,9 @@ class Checkpointer:
                              and r.shard == ps.shard_id) == ps.rank
         self.is_leader = machine_leaders(infos)[self.machine] == ps.rank
         machines = list(dict.fromkeys(r.machine for r in sorted(infos, key=lambda r: r.rank)))
-        shard_machines: dict[str, list[str]] = {}
-        for r in infos:
-            shard_machines.setdefault(r.shard, [])
-            if r.machine not in shard_machines[r.shard]:
-                shard_machines[r.shard].append(r.machine)
+        # Where each shard already lives: data-parallel copies count toward the m replicas.
+        shard_machines = {s: list(dict.fromkeys(r.machine for r in infos if r.shard == s))
+                          for s in dict.fromkeys(r.shard for r in infos)}
         self.placement = plan_placement(machines, g.gemini_replicas, g.gemini_placement)
         self.routes = build_routes(infos, self.placement, replication_plan(shard_machines, self.placement))
         # Checkpoint traffic gets a process group of its own (collective: every rank creates it).
@@ -69,7 +69,6 @@ class Checkpointer:
             self.persister = Persister(self.store, save, ps.tp_rank, ps.tp_size, finalizer=ps.rank == 0,
                                        keep=cfg.checkpoint.save_keep, metadata=state.metadata,
                                        log=print)
-            self.persister.window_hook = None
         self._stats: dict = {}
         self.last_record = None
         self._pending = None

@@ -39,7 +39,7 @@ class TrafficScheduler:
         self.mu = gcfg.gemini_gap_safety
         self.timeline, self.log = timeline, log
         self.every = 1                 # replicate every j-th snapshot
-        self.first: int | None = None  # first replicated iteration
+        self._replicable = 0           # snapshots taken since profiling ended
         self.plan = None
         self._period = 0.0
         self.alpha_samples: list[float] = []
@@ -51,11 +51,11 @@ class TrafficScheduler:
 
     # ---- which snapshots travel -------------------------------------------------------
     def replicate(self, iteration: int) -> bool:
+        """Called once per snapshot: does this one go to the peers?"""
         if iteration <= self.profile_iters:
             return False
-        if self.first is None:
-            self.first = iteration
-        return (iteration - self.first) % self.every == 0
+        self._replicable += 1
+        return (self._replicable - 1) % self.every == 0
 
     # ---- measurements from the replicator ---------------------------------------------
     def observe(self, header_s: float, chunks: list[tuple[int, float]]) -> None:
