@@ -13,7 +13,12 @@ TRAIN_ITERS = 16
 
 
 def train_args(corpus: str, log_dir: str, *extra: str) -> list[str]:
-    return tiny_gpt_args(corpus, log_dir, "--train-iters", str(TRAIN_ITERS), *extra)
+    # TP=2 over 2 machines x 1 worker: each machine holds one shard, so a lost machine's
+    # shard exists only as its peer's replica (with DP instead, every machine holds all).
+    return tiny_gpt_args(corpus, log_dir, "--train-iters", str(TRAIN_ITERS),
+                         "--tensor-model-parallel-size", "2",
+                         "--gemini-profile-iters", "2",   # replication starts at iteration 3
+                         *extra)
 
 
 def run_cluster(log_dir: str, corpus: str, *, machines: int = 2, procs_per_machine: int = 1,
@@ -70,8 +75,11 @@ def final_weights(save_dir: str) -> dict:
     """Every tensor of the final persistent checkpoint (weights, optimizer, RNG, data position)."""
     from safetensors.torch import load_file
 
-    path = os.path.join(save_dir, f"iter_{TRAIN_ITERS:07d}", "tp_rank_00.safetensors")
-    return load_file(path)
+    out = {}
+    for tp in range(2):
+        path = os.path.join(save_dir, f"iter_{TRAIN_ITERS:07d}", f"tp_rank_{tp:02d}.safetensors")
+        out.update({f"tp{tp}/{k}": v for k, v in load_file(path).items()})
+    return out
 
 
 def assert_same_final_state(reference_save: str, save_dir: str) -> None:

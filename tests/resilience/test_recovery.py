@@ -1,7 +1,7 @@
 """End to end: real torchrun machines on one host, real signals, recovery checked bit for bit.
 
-Every run is world 2 (data parallel; 2 machines x 1 worker unless said otherwise), 16
-iterations of a tiny GPT, so one failure-free run is the reference for every logged loss.
+Every run is 2 machines x 1 worker with TP=2 across them, 16 iterations of a tiny GPT,
+so one failure-free run is the reference for every logged loss and the final state.
 """
 from __future__ import annotations
 
@@ -37,14 +37,11 @@ def _one_recovery(log_dir: str) -> dict:
 
 
 def test_worker_kill_recovers_from_local_memory(byte_corpus, reference, tmp_path):
-    # One machine with both workers: every shard's newest copy is on it, so the source
-    # is "local" whatever the kill's timing (across machines, a rank killed before its
-    # commit fetches the newer iteration its peer committed: "peer").
     log_dir = str(tmp_path)
-    run_cluster(log_dir, byte_corpus, machines=1, procs_per_machine=2, injections=("worker:1@iteration=6",))
+    run_cluster(log_dir, byte_corpus, injections=("worker:1@iteration=6",))
     rec = _one_recovery(log_dir)
     assert rec["source"] == "local" and rec["failure_kind"] == "worker"
-    assert rec["iteration"] >= 6 and rec["iterations_lost"] <= 1
+    assert rec["iteration"] >= 5 and rec["iterations_lost"] <= 1   # at most one iteration lost
     assert rec["injected_at"] <= rec["detected_at"] <= rec["workers_started_at"] <= rec["rendezvous_done_at"] \
         <= rec["loaded_at"] <= rec["first_iteration_at"]
     assert rec["first_iteration"] == rec["iteration"] + 1
