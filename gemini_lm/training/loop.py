@@ -123,12 +123,18 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
         return tcfg, datasets_provider(cfg, tokenizer, num_samples)
 
     # Bad input fails here, on every rank alike, before anything is written anywhere.
-    tcfg, (train_ds, valid_ds, _) = all_ranks_or_none(ps, read_inputs)
-    tracker = model_parallel_seed(t.seed, ps)
-    setup = build_training_setup(cfg, tcfg, model_provider, ps, tracker)
+    try:
+        tcfg, (train_ds, valid_ds, _) = all_ranks_or_none(ps, read_inputs)
+        tracker = model_parallel_seed(t.seed, ps)
+        setup = build_training_setup(cfg, tcfg, model_provider, ps, tracker)
+        all_ranks_or_none(ps, lambda: check_output_dirs(cfg, ps))
+    except UsageError:
+        # Nothing to flush or restart: torchrun's SIGTERM to a sibling that has not exited
+        # yet must just end it, not record a failure and print a second line.
+        failures.close()
+        raise
     model, tcfg, ddp, state = setup.model, setup.config, setup.ddp, setup.state
     optimizer, scheduler, progress = setup.optimizer, setup.scheduler, setup.progress
-    all_ranks_or_none(ps, lambda: check_output_dirs(cfg, ps))
     logger = MetricsLogger(cfg.logging.log_dir, enabled=ps.rank == 0,
                            wandb_project=cfg.logging.wandb_project,
                            wandb_exp_name=cfg.logging.wandb_exp_name,
