@@ -109,6 +109,8 @@ class GeminiConfig:
     gemini_hang_timeout: float = _f(120.0, "seconds without progress before the watchdog ends the step")
     gemini_interleave: str = _f("on", "send checkpoint traffic in idle gaps (off = eagerly)", choices=["on", "off"])
     gemini_profile_iters: int = _f(20, "iterations profiled before replication is scheduled")
+    gemini_replication_interval: int = _f(0, "replicate every N-th snapshot (0 = auto: the smallest N "
+                                             "whose traffic fits in the iterations between)")
     gemini_buffer_mb: float = _f(128.0, "reserved transfer buffer")
     gemini_sub_buffers: int = _f(4, "sub-buffers of the transfer buffer (pipelining)")
     gemini_gap_safety: float = _f(0.8, "fraction of each idle gap that may be used")
@@ -229,6 +231,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if c.save_keep is not None and c.save_keep < 1:
         raise UsageError("--save-keep must be >= 1")
     g = cfg.gemini
+    if g.gemini_replication_interval < 0:
+        raise UsageError("--gemini-replication-interval must be >= 0 (0 = automatic)")
     if g.gemini_interval < 1:
         raise UsageError("--gemini-interval must be >= 1")
     if g.gemini_replicas < 1:

@@ -10,8 +10,9 @@ Phases of a run, with `--gemini-interleave on`:
    planner (schedule.py) fills them with chunks of R/p bytes, the rest goes when the
    update begins. The snapshot of iteration k is sent during iteration k+1. If sending it
    takes longer than mu of an iteration, it is spread over the gaps of k+1..k+j and only
-   every j-th snapshot is replicated (the log says so). The sender thread waits for each chunk's moment on
-   the timeline (`CollectiveTimeline.wait_until`).
+   every j-th snapshot is replicated (the log says so; `--gemini-replication-interval`
+   fixes j instead). The sender thread waits for each chunk's moment on the timeline
+   (`CollectiveTimeline.wait_until`).
 
 Unlike GPU GEMINI, our snapshot is already a complete copy in CPU shared memory before
 any byte travels, so an update cannot corrupt a snapshot in flight; the hard deadline
@@ -38,7 +39,8 @@ class TrafficScheduler:
         self.num_buffers = gcfg.gemini_sub_buffers
         self.mu = gcfg.gemini_gap_safety
         self.timeline, self.log = timeline, log
-        self.every = 1                 # replicate every j-th snapshot
+        self.fixed_every = gcfg.gemini_replication_interval   # 0: choose j from the measurements
+        self.every = self.fixed_every or 1   # replicate every j-th snapshot
         self._replicable = 0           # snapshots taken since profiling ended
         self.plan = None
         self._period = 0.0
@@ -94,10 +96,12 @@ class TrafficScheduler:
         chunk = inputs.chunk_bytes
         send_s = sum(math.ceil(n / chunk) * self.alpha + n / self.bandwidth for n in peer_bytes.values())
         j = max(1, math.ceil(send_s / (self.mu * iteration_s))) if iteration_s > 0 else 1
+        if self.fixed_every:
+            j = self.fixed_every   # the user's choice wins; the plan still spreads over it
         self._period = iteration_s if j > 1 else 0.0   # gaps of iteration k are shifted by k periods
         self.plan = plan_schedule(inputs, iterations=j, iteration_time_s=iteration_s if j > 1 else None)
-        if j > 1:
-            self.every = j
+        self.every = j
+        if j > 1 and not self.fixed_every:
             self.log(f"GEMINI: the checkpoint does not fit in one iteration's gaps; "
                      f"replicating every {j} iterations")
         self.log(f"GEMINI interleaving plan: {self.plan.describe()} Profiled gaps: {spread.describe()}")

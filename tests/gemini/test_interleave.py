@@ -19,6 +19,7 @@ def _argv(data, tmp_path, name, iters, *extra):
                                   str(tmp_path / "shm"), "--gemini-job-id", "j", "--gemini-keep-store",
                                   "--gemini-profile-iters", str(PROFILE), "--gemini-buffer-mb", "0.25",
                                   "--global-batch-size", "2",   # one micro-batch per iteration
+                                  "--gemini-replication-interval", "1",   # every snapshot travels
                                   *extra)
 
 
