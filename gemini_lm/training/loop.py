@@ -132,6 +132,7 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
         # Nothing to flush or restart: torchrun's SIGTERM to a sibling that has not exited
         # yet must just end it, not record a failure and print a second line.
         failures.close()
+        dist.destroy_process_group()   # every rank is here alike (all_ranks_or_none): leave quietly
         raise
     model, tcfg, ddp, state = setup.model, setup.config, setup.ddp, setup.state
     optimizer, scheduler, progress = setup.optimizer, setup.scheduler, setup.progress
