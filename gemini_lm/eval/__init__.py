@@ -1,0 +1,1 @@
+"""Evaluation: models and measurements behind tools/evaluate.py."""
