@@ -29,6 +29,7 @@ from gemini_lm.gemini.restore import restore_state
 from gemini_lm.gemini.snapshot import SnapshotLayout
 from gemini_lm.gemini.store import MemoryStore
 from gemini_lm.training.checkpointing import check_writable
+from gemini_lm.training.initialize import collective_timeout
 
 
 def machine_id() -> str:
@@ -59,7 +60,8 @@ class Checkpointer:
         self.placement = plan_placement(machines, g.gemini_replicas, g.gemini_placement)
         self.routes = build_routes(infos, self.placement, replication_plan(shard_machines, self.placement))
         # Checkpoint traffic gets a process group of its own (collective: every rank creates it).
-        self.repl_group = dist.new_group(backend="gloo") if self.routes else None
+        self.repl_group = dist.new_group(backend="gloo", timeout=collective_timeout(cfg)) \
+            if self.routes else None
         self.replicator: Replicator | None = None
         self.persister: Persister | None = None
         save = cfg.checkpoint.save
@@ -101,10 +103,13 @@ class Checkpointer:
 
     def _snapshot(self, iteration: int) -> None:
         t0 = time.perf_counter()
+        # Before the slot can be reused, the previous snapshot must be committed (which may
+        # also settle the replication cadence); before a replicated snapshot, the previous
+        # replicated one must have reached its peers — its chunks were planned to finish
+        # by this snapshot's update, so this wait cannot depend on a future iteration.
+        wait_s = self._drain(replication=False)
         replicate = self.replicator is not None and self.traffic.replicate(iteration)
-        # Before the slot can be reused, the previous snapshot must be committed; before a
-        # replicated snapshot, the previous one must also have reached its peers.
-        wait_s = self._drain(replication=replicate)
+        wait_s += self._drain(replication=replicate)
         t1 = time.perf_counter()
         w = self.store.begin_write(self.ps.shard_id, self.layout.nbytes, self.layout.layout_hash)
         try:

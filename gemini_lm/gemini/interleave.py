@@ -101,6 +101,7 @@ class TrafficScheduler:
         self._period = iteration_s if j > 1 else 0.0   # gaps of iteration k are shifted by k periods
         self.plan = plan_schedule(inputs, iterations=j, iteration_time_s=iteration_s if j > 1 else None)
         self.every = j
+        self._replicable = 1   # the snapshot being planned now starts the new cadence
         if j > 1 and not self.fixed_every:
             self.log(f"GEMINI: the checkpoint does not fit in one iteration's gaps; "
                      f"replicating every {j} iterations")

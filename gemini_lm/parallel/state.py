@@ -6,6 +6,7 @@ machine when ranks are packed per machine); data-parallel groups stride across t
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +31,10 @@ class ParallelState:
     timeline: CollectiveTimeline = field(default_factory=CollectiveTimeline)
 
     @classmethod
-    def initialize(cls, tp_size: int, device: torch.device | str = "cpu") -> "ParallelState":
-        """Build groups on an initialized default process group. Every rank must call this."""
+    def initialize(cls, tp_size: int, device: torch.device | str = "cpu",
+                   timeout: datetime.timedelta | None = None) -> "ParallelState":
+        """Build groups on an initialized default process group. Every rank must call this.
+        `timeout`: for the new groups' collectives (torch's default is 30 minutes)."""
         assert dist.is_initialized(), "init_process_group() first"
         world, rank = dist.get_world_size(), dist.get_rank()
         if tp_size < 1 or world % tp_size:
@@ -42,12 +45,12 @@ class ParallelState:
         # new_group is collective over the whole world: every rank creates every group.
         for i in range(dp_size):
             ranks = list(range(i * tp_size, (i + 1) * tp_size))
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 tp_group, tp_ranks = g, ranks
         for j in range(tp_size):
             ranks = list(range(j, world, tp_size))
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 dp_group, dp_ranks = g, ranks
         return cls(rank=rank, world_size=world, tp_size=tp_size, tp_rank=rank % tp_size,

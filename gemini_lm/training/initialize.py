@@ -53,7 +53,7 @@ def initialize_distributed(cfg: Config) -> ParallelState:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
     try:
-        return ParallelState.initialize(cfg.parallel.tensor_model_parallel_size, device)
+        return ParallelState.initialize(cfg.parallel.tensor_model_parallel_size, device, timeout=timeout)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

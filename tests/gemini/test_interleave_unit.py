@@ -164,6 +164,20 @@ def test_a_checkpoint_slower_than_an_iteration_goes_every_j_iterations():
     assert all(when == (k + j, None) for _, _, when in leftover)   # before update k+j
 
 
+def test_the_cadence_restarts_at_the_planned_snapshot():
+    # Planned on the second replicated snapshot: its chunks are spread over the next j
+    # iterations, so the next replicated snapshot (which waits for them) must be j later.
+    # Counting from the first snapshot instead had the trainer wait for an iteration
+    # that could only begin after the wait: a deadlock.
+    ts = _measured(_scheduler())
+    first = PROFILE + 1
+    assert ts.replicate(first)                     # eager (no plan yet)
+    assert ts.replicate(first + 1)
+    ts.maybe_plan({"m1": 20 * 10**6})             # j = 3, planned on snapshot first + 1
+    assert ts.every == 3
+    assert [ts.replicate(i) for i in range(first + 2, first + 8)] == [False, False, True] * 2
+
+
 # ---- CollectiveTimeline.wait_until --------------------------------------------------------
 class _Waiter:
     """wait_until on a thread; records when it returned and what."""
