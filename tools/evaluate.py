@@ -166,7 +166,8 @@ def failure_runs(ctx) -> dict:
         br.run(args, log, inject_at + (3 if ctx.mode == "smoke" else 10), [], f"{kind}:1@iteration={inject_at}",
                spares=1)
         runs[kind]["gemini"] = {**br.measure(log), "log_dir": log}
-        for name, interval in (("persistent_frequent", frequent), ("persistent_rare", rare)):
+        baselines = (("persistent_frequent", frequent), ("persistent_rare", rare))
+        for name, interval in baselines[1:] if ctx.mode == "smoke" else baselines:   # smoke: GEMINI vs Strawman
             at = max(inject_at, interval) + interval // 2   # halfway between two saves: lost work 1/(2f)
             log = os.path.join(work, f"{name}_{kind}")
             br.run(args, log, at + (3 if ctx.mode == "smoke" else 10),
@@ -186,14 +187,14 @@ def section_wasted_time(ctx) -> dict:
     res["runs"] = {kind: {METHOD_NAMES[n]: {k: v for k, v in r.items() if k != "log_dir"} for n, r in runs.items()}
                    for kind, runs in data["runs"].items()}
     res["best_baseline_over_gemini"] = {
-        kind: min(w["HighFreq"], w["Strawman"]) / w["GEMINI"] if w["GEMINI"] > 0 else None
+        kind: min(v for n, v in w.items() if n != "GEMINI") / w["GEMINI"] if w["GEMINI"] > 0 else None
         for kind, w in res["wasted_s"].items()}
     plt = _plt()
     kinds = list(res["wasted_s"])
     fig, ax = plt.subplots(figsize=(5.5, 3))
     width = 0.25
     for i, (name, colour) in enumerate((("GEMINI", "#2ca02c"), ("HighFreq", "#ff7f0e"), ("Strawman", "#d62728"))):
-        ax.bar([k + (i - 1) * width for k in range(len(kinds))], [res["wasted_s"][k][name] for k in kinds],
+        ax.bar([k + (i - 1) * width for k in range(len(kinds))], [res["wasted_s"][k].get(name, 0) for k in kinds],
                width, label=name, color=colour)
     ax.set_xticks(range(len(kinds)), [f"{k} kill" for k in kinds])
     ax.set_ylabel("wasted time per failure (s)")
@@ -211,15 +212,21 @@ def report_wasted_time(res: dict) -> list[str]:
              f"the disk allows ({how}); Strawman: every {res['save_interval_rare']}; both hit halfway between two "
              "saves. Wasted = injection -> back at the iteration reached at the injection, minus one normal "
              "iteration, plus one checkpoint's stall.", "",
-             "| failure | method | source | iterations lost | stall (s) | recovery (s) | wasted (s) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| failure | method | source | iterations lost | stall (s) | failure -> first iteration (s) | "
+             "redoing lost work (s) | wasted (s) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for kind, runs in res["runs"].items():
         for name, r in runs.items():
             lines.append(f"| {kind} kill | {name} | {r['source']} | {r['lost']} | {r['stall_s']:.3f} | "
-                         f"{r['recovery_s']:.2f} | {r['wasted_s']:.2f} |")
+                         f"{r['recovery_s']:.2f} | {r['wasted_s'] - r['recovery_s']:.2f} | {r['wasted_s']:.2f} |")
     lines.append("")
     for kind, x in res["best_baseline_over_gemini"].items():
-        lines.append(f"- {kind} kill: the better baseline wastes {x:.2f}x GEMINI's time." if x else "")
+        if x:
+            lines.append(f"- {kind} kill: the better baseline wastes {x:.2f}x GEMINI's time.")
+    lines += ["", "On one CPU host, restarting processes (Python + torch imports, rendezvous, model set-up: "
+              "section 4) costs every method the same ~10 s and dominates; the methods differ in the lost work "
+              "redone and the retrieval. The paper's >13x needs what this host cannot show: hours of lost work "
+              "and remote storage at GB/s for 100B-parameter state (section 6 models that)."]
     return lines + ["", f"![wasted time]({res['figure']})"]
 
 
