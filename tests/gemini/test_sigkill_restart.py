@@ -30,17 +30,17 @@ def _wait_for_iteration(log_dir, iteration, proc, timeout=90):
 
 def test_sigkilled_run_resumes_from_memory(byte_corpus, tmp_path):
     ref_log = tmp_path / "ref"
-    run_pretrain(tmp_path, _flags(byte_corpus, tmp_path / "refshm", ref_log, 400))
+    run_pretrain(tmp_path, _flags(byte_corpus, tmp_path / "refshm", ref_log, 150))
     reference = dict(read_losses(str(ref_log)))
 
     log = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *_flags(byte_corpus, tmp_path, log, 400)]
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *_flags(byte_corpus, tmp_path, log, 150)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for_iteration(log, 20, proc)
+    _wait_for_iteration(log, 10, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(i for i, _ in read_losses(str(log)))
-    assert killed_at < 400
+    assert killed_at < 150
     # The store survived the process: the restarted run finds it (same --log-dir → same job).
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
