@@ -126,6 +126,16 @@ def _rank(rank: int, init_file: str, argv: list[str], method: str, work: str, lo
     from gemini_lm.config import parse_config
     from gemini_lm.training import loop
 
+    # CPU seconds of this process (every thread: training, GEMINI's, DCP's) from one step's
+    # start to the next: the work an iteration costs, whatever else runs on the machine.
+    cpu_log = open(log_file + ".cpu", "w", buffering=1)
+    train_step = loop.train_step
+
+    def timed_step(*a, iteration: int, **kw):
+        cpu_log.write(f"{iteration} {time.process_time()}\n")
+        return train_step(*a, iteration=iteration, **kw)
+
+    loop.train_step = timed_step
     if method in ("torch_save", "async_save"):
         loop.build_checkpointer = lambda cfg, state, ps, logger: BaselineCheckpointer(method, state, ps, work)
     cfg = parse_config(argv, world_size=WORLD)
@@ -134,7 +144,8 @@ def _rank(rank: int, init_file: str, argv: list[str], method: str, work: str, lo
 
 
 def run_once(method: str, args, work: str, name: str) -> list[dict]:
-    """One training run of `method` on WORLD spawned ranks; rank 0's metrics records."""
+    """One training run of `method` on WORLD spawned ranks: rank 0's metrics records, with
+    `cpu_s` (CPU seconds per rank) added for every iteration but the last."""
     log_dir = os.path.join(work, name)
     argv = ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
             "--num-attention-heads", str(args.num_attention_heads), "--seq-length", str(args.seq_length),
@@ -172,7 +183,17 @@ def run_once(method: str, args, work: str, name: str) -> list[dict]:
         tail = "".join(open(log).read()[-3000:] for log in logs if os.path.exists(log))
         raise SystemExit(f"{tail}\n{name}: ranks exited with {[p.exitcode for p in procs]}")
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "last_iter_time_s" in r]
+        records = [r for r in map(json.loads, f) if "last_iter_time_s" in r]
+    cpu: dict[int, list[float]] = {}
+    for log in logs:       # iteration i's CPU time: from its start to the next one's
+        starts = dict(tuple(map(float, line.split())) for line in open(log + ".cpu"))
+        for it, t in starts.items():
+            if it + 1 in starts:
+                cpu.setdefault(int(it), []).append(starts[it + 1] - t)
+    for r in records:
+        if r["iteration"] in cpu:
+            r["cpu_s"] = statistics.mean(cpu[r["iteration"]])   # mean over the ranks
+    return records
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -213,6 +234,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     work = tempfile.mkdtemp(prefix="bench_overhead_", dir=args.dir)
     per_round: dict[str, list[float]] = {m: [] for m in METHODS}    # median s/it of each run
+    cpu_round: dict[str, list[float]] = {m: [] for m in METHODS}    # median CPU s/it of each run
     blocked: dict[str, list[float]] = {m: [] for m in METHODS}
     last: dict[str, dict] = {}
     loads = [os.getloadavg()[0]]
@@ -221,11 +243,13 @@ def main() -> None:
             for method in METHODS:
                 records = [r for r in run_once(method, args, work, f"{method}-{rnd}") if r["iteration"] > args.skip]
                 per_round[method].append(statistics.median(r["last_iter_time_s"] for r in records))
+                cpu_round[method].append(statistics.median(r["cpu_s"] for r in records if "cpu_s" in r))
                 blocked[method] += [_blocked_s(r) for r in records]
                 last[method] = records[-1]
                 loads.append(os.getloadavg()[0])
-                print(f"round {rnd} {method:<12} median {per_round[method][-1]:.4f} s/it "
-                      f"({len(records)} iterations, load {loads[-1]:.2f})", flush=True)
+                print(f"round {rnd} {method:<12} median {per_round[method][-1]:.4f} s/it, "
+                      f"{cpu_round[method][-1]:.4f} CPU s/it ({len(records)} iterations, load {loads[-1]:.2f})",
+                      flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(os.path.join(args.shm, os.path.basename(work)), ignore_errors=True)
@@ -234,26 +258,32 @@ def main() -> None:
     # discards a round that another process on the machine disturbed.
     med = statistics.median
     ratio = {m: med(x / n for x, n in zip(per_round[m], per_round["none"])) for m in METHODS}
+    cpu_ratio = {m: med(x / n for x, n in zip(cpu_round[m], cpu_round["none"])) for m in METHODS}
     secs = {m: med(per_round[m]) for m in METHODS}
+    cpu = {m: med(cpu_round[m]) for m in METHODS}
     snap = last["interleaved"]
     print(f"\n{WORLD} ranks as {WORLD} machines, TP={WORLD}, {args.num_layers} layers, hidden {args.hidden_size}, "
           f"seq {args.seq_length}, batch {args.global_batch_size} (micro {args.micro_batch_size}); snapshot "
           f"{snap['gemini_snapshot_bytes'] / 2**20:.1f} MiB per rank, sent to the other machine every iteration; "
           f"{args.rounds} round(s) x {args.iters - args.skip} iterations; cpus {os.cpu_count()}, "
           f"load average {min(loads):.2f}-{max(loads):.2f}")
-    print(f"{'method':<12} {'s/it':>7} {'x none':>7} {'blocked s':>10}   per-round s/it")
+    print(f"{'method':<12} {'s/it':>7} {'x none':>7} {'CPU s/it':>9} {'x none':>7} {'blocked s':>10}   "
+          f"per-round s/it")
     for m in METHODS:
-        print(f"{m:<12} {secs[m]:>7.4f} {ratio[m]:>7.3f} {med(blocked[m]):>10.4f}   "
-              + " ".join(f"{x:.4f}" for x in per_round[m]))
-    print("blocked = inside the checkpointer on the training thread (snapshot copy, waits, saves); "
-          "the rest of the overhead is background work competing for the same cores")
+        print(f"{m:<12} {secs[m]:>7.4f} {ratio[m]:>7.3f} {cpu[m]:>9.4f} {cpu_ratio[m]:>7.3f} "
+              f"{med(blocked[m]):>10.4f}   " + " ".join(f"{x:.4f}" for x in per_round[m]))
+    print("CPU s/it: CPU seconds of one rank's process per iteration, all threads (less sensitive to other "
+          "load than wall time); blocked: time inside the checkpointer on the training thread (snapshot "
+          "copy, waits, saves) - the rest of the overhead is background work competing for the same cores")
     print(f"interleaving plan: every {snap.get('gemini_interleave_every')} iteration(s), "
           f"{snap.get('gemini_interleave_leftover_bytes', 0) / 2**20:.2f} MiB left for before the update, "
           f"predicted extra {snap.get('gemini_interleave_predicted_extra_s', 0) * 1e3:.1f} ms")
     out = {f"ratio_{m}": ratio[m] for m in METHODS if m != "none"}
+    out.update({f"cpu_ratio_{m}": cpu_ratio[m] for m in METHODS if m != "none"})
     out.update({f"{m}_s": secs[m] for m in METHODS})
+    out.update({f"{m}_cpu_s": cpu[m] for m in METHODS})
     out.update({f"{m}_blocked_s": med(blocked[m]) for m in METHODS if m != "none"})
-    out.update({"per_round_s": per_round, "snapshot_bytes": snap["gemini_snapshot_bytes"],
+    out.update({"per_round_s": per_round, "per_round_cpu_s": cpu_round, "snapshot_bytes": snap["gemini_snapshot_bytes"],
                 "interleave_every": snap.get("gemini_interleave_every"),
                 "interleave_leftover_bytes": snap.get("gemini_interleave_leftover_bytes"),
                 "interleave_predicted_extra_s": snap.get("gemini_interleave_predicted_extra_s"),
