@@ -143,6 +143,24 @@ def report_checkpoint_time(res: dict) -> list[str]:
 
 # ---- 3 + 4 failures, measured ----------------------------------------------------------------
 
+def measure(br, log_dir: str) -> dict:
+    """bench_recovery.measure, with the phases of the recovery that followed the injection.
+
+    measure() takes the last recovery.jsonl record; a run can log another one after it
+    (seen: workers restarted once more after training completed), so pick the record
+    joined to the injection.
+    """
+    from gemini_lm.resilience.events import read_jsonl
+
+    out = {**br.measure(log_dir), "log_dir": log_dir}
+    inj = read_jsonl(os.path.join(log_dir, "injections.jsonl"))[0]
+    recs = [r for r in read_jsonl(os.path.join(log_dir, "recovery.jsonl")) if r.get("injected_at") == inj["time"]]
+    if recs:
+        out.update(source=recs[0]["source"], **{p: recs[0].get(p) for p in br.PHASES})
+        out["recovery_records"] = len(read_jsonl(os.path.join(log_dir, "recovery.jsonl")))
+    return out
+
+
 def failure_runs(ctx) -> dict:
     """Worker and machine kills for GEMINI, HighFreq and Strawman (cached: sections 3 and 4 share it)."""
     if ctx.cache.get("failures") is not None:
@@ -165,7 +183,7 @@ def failure_runs(ctx) -> dict:
         log = os.path.join(work, f"gemini_{kind}")
         br.run(args, log, inject_at + (3 if ctx.mode == "smoke" else 10), [], f"{kind}:1@iteration={inject_at}",
                spares=1)
-        runs[kind]["gemini"] = {**br.measure(log), "log_dir": log}
+        runs[kind]["gemini"] = measure(br, log)
         baselines = (("persistent_frequent", frequent), ("persistent_rare", rare))
         for name, interval in baselines[1:] if ctx.mode == "smoke" else baselines:   # smoke: GEMINI vs Strawman
             at = max(inject_at, interval) + interval // 2   # halfway between two saves: lost work 1/(2f)
@@ -173,7 +191,7 @@ def failure_runs(ctx) -> dict:
             br.run(args, log, at + (3 if ctx.mode == "smoke" else 10),
                    ["--no-gemini", "--save", os.path.join(work, f"{name}_{kind}_ckpt"), "--save-interval",
                     str(interval)], f"{kind}:1@iteration={at}", spares=1)
-            runs[kind][name] = {**br.measure(log), "log_dir": log}
+            runs[kind][name] = measure(br, log)
     ctx.cache["failures"] = {"runs": runs, "save_interval_frequent": frequent, "save_interval_rare": rare,
                              "calibration": {"save_s": save_s, "train_s": train_s}, "phases": list(br.PHASES)}
     return ctx.cache["failures"]
