@@ -5,6 +5,7 @@ failure was detected and the worker wants its agent (torchrun) to restart it.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -17,14 +18,25 @@ class UsageError(Exception):
     """Bad user input: the CLI prints the message and exits 2."""
 
 
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Run an entry point: UsageError → one line + exit 2, otherwise main's exit code."""
+def run_cli(main: Callable[[], int | None], hard_exit: bool = False) -> None:
+    """Run an entry point: UsageError → one line + exit 2, otherwise main's exit code.
+
+    `hard_exit` (training entry points): once main() has returned, everything is written
+    and closed, so skip the interpreter's teardown — gloo's C++ threads can abort an
+    already finished process there (SIGABRT, pytorch/pytorch#179291), and torchrun would
+    take a finished worker for a failed one and restart it.
+    """
     try:
         code = main()
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USAGE)
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-    sys.exit(code or 0)
+        code = 130
+    code = code or 0
+    if hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

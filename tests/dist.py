@@ -34,6 +34,12 @@ def _entry(rank, fn, world_size, init_file, timeout_s, args, queue):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Like the training entry points (errors.run_cli(hard_exit=True)): skip interpreter
+    # teardown, where gloo's threads can abort a finished process. The result must be
+    # out of the queue's feeder thread first.
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, tmp_path, args=(), timeout_s: float = 60.0):

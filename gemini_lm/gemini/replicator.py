@@ -206,6 +206,8 @@ class Replicator:
             self._jobs.put(None)
         for t in self._threads:
             t.join(timeout)
+            if t.is_alive():   # a peer never sent its stop: say so rather than hang
+                print(f"WARNING: GEMINI replication thread {t.name} did not stop", flush=True)
 
 
 def build_routes(rank_infos, placement, replication_plan) -> list[Route]:
