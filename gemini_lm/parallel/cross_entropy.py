@@ -11,7 +11,6 @@ which equals PyTorch's `F.cross_entropy(label_smoothing=label_smoothing * V / (V
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 
 from gemini_lm.parallel.mappings import all_reduce_tp
@@ -78,10 +77,4 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     """Per-token loss (fp32, shape of `target`) from logits [..., vocab / tp] split over TP."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if ps.tp_size == 1 and label_smoothing == 0.0:
-        # One rank holds the whole vocabulary: torch's fused log-softmax + NLL is the same
-        # math, and faster than the split version's separate passes.
-        logits = vocab_parallel_logits.float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1),
-                               reduction="none").view_as(target)
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, ps, label_smoothing)
