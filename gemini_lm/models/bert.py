@@ -19,7 +19,8 @@ from torch import nn
 from gemini_lm.models.config import TransformerConfig
 from gemini_lm.models.transformer import ParallelTransformer, _activation, layer_norm
 from gemini_lm.parallel.cross_entropy import vocab_parallel_cross_entropy
-from gemini_lm.parallel.layers import VocabParallelEmbedding, set_tensor_model_parallel_attributes
+from gemini_lm.parallel.layers import (VocabParallelEmbedding, mark_replicated_params,
+                                       set_tensor_model_parallel_attributes)
 from gemini_lm.parallel.mappings import copy_to_tensor_model_parallel_region
 from gemini_lm.parallel.random import RNGStatesTracker
 from gemini_lm.parallel.state import ParallelState
@@ -99,17 +100,9 @@ class BertModel(nn.Module):
                                   self.word_embeddings.num_embeddings_per_partition)
         self.binary_head = _replicated_linear(h, 2, init_method, ps, dtype)
         # Logits of vocab padding ids get a constant -inf bias: no probability mass (as GPT).
-        first, last = self.word_embeddings.vocab_start_index, self.word_embeddings.vocab_end_index
-        orig = config.orig_vocab_size if config.orig_vocab_size is not None else last
-        padding_bias = None
-        if orig < last:
-            padding_bias = torch.zeros(last - first, device=ps.device, dtype=dtype)
-            padding_bias[max(orig, first) - first:] = float("-inf")
-        self.register_buffer("output_padding_bias", padding_bias, persistent=False)
-
-        for param in self.parameters():  # mark replicas explicitly, as the layers do
-            if not hasattr(param, "tensor_model_parallel"):
-                set_tensor_model_parallel_attributes(param, False)
+        self.register_buffer("output_padding_bias",
+                             self.word_embeddings.padding_logit_bias(config.orig_vocab_size, dtype), persistent=False)
+        mark_replicated_params(self)
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor,
                 tokentype_ids: torch.Tensor | None = None, lm_labels: torch.Tensor | None = None

@@ -13,7 +13,7 @@ from torch import nn
 from gemini_lm.models.config import TransformerConfig
 from gemini_lm.models.transformer import ParallelTransformer
 from gemini_lm.parallel.cross_entropy import vocab_parallel_cross_entropy
-from gemini_lm.parallel.layers import VocabParallelEmbedding, set_tensor_model_parallel_attributes
+from gemini_lm.parallel.layers import VocabParallelEmbedding, mark_replicated_params
 from gemini_lm.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -47,17 +47,9 @@ class GPTModel(nn.Module):
         self.transformer = ParallelTransformer(config, ps, tracker)
         # With orig_vocab_size set, the output layer gets a constant bias of -inf on the
         # logits of padding ids in this rank's vocab slice (cheaper than masking in place).
-        first, last = self.wte.vocab_start_index, self.wte.vocab_end_index
-        orig = config.orig_vocab_size if config.orig_vocab_size is not None else last
-        padding_bias = None
-        if orig < last:
-            padding_bias = torch.zeros(last - first, device=ps.device, dtype=dtype)
-            padding_bias[max(orig, first) - first:] = float("-inf")
-        self.register_buffer("output_padding_bias", padding_bias, persistent=False)
-
-        for param in self.parameters():  # mark replicas explicitly, as the layers do
-            if not hasattr(param, "tensor_model_parallel"):
-                set_tensor_model_parallel_attributes(param, False)
+        self.register_buffer("output_padding_bias",
+                             self.wte.padding_logit_bias(config.orig_vocab_size, dtype), persistent=False)
+        mark_replicated_params(self)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

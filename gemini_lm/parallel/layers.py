@@ -37,6 +37,13 @@ def set_tensor_model_parallel_attributes(param: nn.Parameter, is_parallel: bool,
         param.partition_stride = stride
 
 
+def mark_replicated_params(module: nn.Module) -> None:
+    """Mark every parameter the parallel layers did not mark as replicated across TP."""
+    for param in module.parameters():
+        if not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, False)
+
+
 def _sharded_weight(full_shape: tuple[int, ...], init_method: InitMethod | None,
                     partition_dim: int, stride: int, ps: ParallelState,
                     params_dtype: torch.dtype) -> nn.Parameter:
@@ -153,6 +160,17 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_model_parallel_region(out, self.ps)
+
+    def padding_logit_bias(self, orig_vocab_size: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """A bias for tied output logits of this rank's vocab slice: -inf on padding ids
+        (>= orig_vocab_size), so they take no probability mass; None if none is padding.
+        A constant bias is cheaper than masking the logits in place."""
+        orig = self.vocab_end_index if orig_vocab_size is None else orig_vocab_size
+        if orig >= self.vocab_end_index:
+            return None
+        bias = torch.zeros(self.num_embeddings_per_partition, device=self.weight.device, dtype=dtype)
+        bias[max(orig, self.vocab_start_index) - self.vocab_start_index:] = float("-inf")
+        return bias
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, "
