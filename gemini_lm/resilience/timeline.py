@@ -17,7 +17,6 @@ retrieved → loaded → first iteration completed.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
