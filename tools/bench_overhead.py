@@ -27,8 +27,8 @@ ratio to `none` of the same round; reported: the medians over rounds.
 
 Prints a table, then one JSON line.
 
-    python tools/bench_overhead.py            # ~6 minutes on 2 cores
-    python tools/bench_overhead.py --quick    # ~1.5 minutes
+    python tools/bench_overhead.py            # ~7 minutes on 2 idle cores
+    python tools/bench_overhead.py --quick    # ~2 minutes
 """
 from __future__ import annotations
 
