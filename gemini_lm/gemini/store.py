@@ -41,10 +41,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from gemini_lm.errors import UsageError
-from gemini_lm.gemini.checksum import CorruptSnapshotError  # noqa: F401 - raised by open()
 from gemini_lm.gemini.checksum import checksum as compute_checksum
 from gemini_lm.gemini.checksum import verify as verify_checksum
-from gemini_lm.gemini.snapshot import read_file, read_tensors, write_file_atomic  # noqa: F401 - persistence uses them from here
+from gemini_lm.gemini.snapshot import read_tensors
 
 SLOT_NAMES = "abcdefgh"        # "a"/"b" in steady state, the rest only while readers pin slots
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

@@ -8,8 +8,9 @@ import torch
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.checksum import checksum
 from gemini_lm.gemini.snapshot import SnapshotLayout, read_file
-from gemini_lm.gemini.store import (
-    CommitRecord, CorruptSnapshotError, MemoryStore, StaleRecordError, write_file_atomic)
+from gemini_lm.gemini.checksum import CorruptSnapshotError
+from gemini_lm.gemini.snapshot import write_file_atomic
+from gemini_lm.gemini.store import CommitRecord, MemoryStore, StaleRecordError
 
 
 def _state(iteration: int) -> dict[str, torch.Tensor]:
