@@ -120,14 +120,22 @@ def read_manifest(load_dir: str, iteration: int) -> dict:
 def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int) -> tuple[dict, bytes]:
     """Verified tensors of one shard of a persistent checkpoint."""
     manifest = read_manifest(load_dir, iteration)
-    if manifest["tp_size"] != tp_size:
+    try:
+        saved_tp = manifest["tp_size"]
+        entry = manifest["shards"][f"tp{tp_rank:02d}"] if saved_tp == tp_size else None
+        nbytes, expected = (entry["nbytes"], entry["checksum"]) if entry else (None, None)
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"checkpoint {load_dir} iteration {iteration}: manifest.json lacks {exc}") from None
+    if saved_tp != tp_size:
         raise UsageError(f"checkpoint {load_dir} iteration {iteration} has tensor-parallel size "
-                         f"{manifest['tp_size']}, this run uses {tp_size}")
-    entry = manifest["shards"][f"tp{tp_rank:02d}"]
+                         f"{saved_tp}, this run uses {tp_size}")
     path = os.path.join(load_dir, iter_dir_name(iteration), entry["file"])
-    with open(path, "rb") as f:
-        payload = f.read()
-    if len(payload) != entry["nbytes"] or checksum(payload) != entry["checksum"]:
+    try:
+        with open(path, "rb") as f:
+            payload = f.read()
+    except OSError as exc:
+        raise UsageError(f"{path}: unreadable checkpoint file ({exc.strerror})") from None
+    if len(payload) != nbytes or checksum(payload) != expected:
         raise UsageError(f"{path}: checksum mismatch, the checkpoint file is corrupt or truncated")
     return read_tensors(payload), payload
 
