@@ -96,6 +96,8 @@ def section_iteration_time(ctx) -> dict:
     ax.set_ylabel("median iteration time (ms)")
     res["figure"] = _save(fig, ctx, "iteration_time.png")
     shutil.rmtree(work, ignore_errors=True)
+    # run_once keeps its GEMINI stores under <shm>/<basename(work)>: free that memory too.
+    shutil.rmtree(os.path.join(args.shm, os.path.basename(work)), ignore_errors=True)
     return res
 
 
