@@ -20,8 +20,8 @@ import queue
 import threading
 import time
 
-from gemini_lm.training.checkpointing import (finalize_checkpoint, iter_dir_name, shard_file_name,
-                                              write_bytes_atomic)
+from gemini_lm.gemini.snapshot import write_file_atomic
+from gemini_lm.training.checkpointing import finalize_checkpoint, iter_dir_name, shard_file_name
 
 
 class Persister:
@@ -71,9 +71,9 @@ class Persister:
         partial = os.path.join(self.save_dir, iter_dir_name(rec.iteration) + ".partial")
         os.makedirs(partial, exist_ok=True)
         with self.store.open(rec, verify=False) as view:   # checksum was checked when written
-            write_bytes_atomic(os.path.join(partial, shard_file_name(self.tp_rank)), view.buffer)
+            write_file_atomic(os.path.join(partial, shard_file_name(self.tp_rank)), view.buffer)
         side = {"file": shard_file_name(self.tp_rank), "nbytes": rec.nbytes, "checksum": rec.checksum}
-        write_bytes_atomic(os.path.join(partial, f"tp_rank_{self.tp_rank:02d}.json"), json.dumps(side).encode())
+        write_file_atomic(os.path.join(partial, f"tp_rank_{self.tp_rank:02d}.json"), json.dumps(side).encode())
         if self.finalizer:
             self._finalize(rec.iteration, partial)
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.checksum import checksum
-from gemini_lm.gemini.snapshot import SnapshotLayout, read_tensors
+from gemini_lm.gemini.snapshot import SnapshotLayout, read_tensors, write_file_atomic
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -47,20 +47,10 @@ def check_writable(save_dir: str) -> None:
         raise UsageError(f"--save {save_dir}: not writable ({exc.strerror})") from None
 
 
-def write_bytes_atomic(path: str, data) -> None:
-    """tmp + fsync + rename: the file is either absent or complete."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard_file(partial_dir: str, tp_rank: int, payload) -> dict:
     """Write one shard's snapshot bytes (a safetensors file) and describe it for the manifest."""
     os.makedirs(partial_dir, exist_ok=True)
-    write_bytes_atomic(os.path.join(partial_dir, shard_file_name(tp_rank)), payload)
+    write_file_atomic(os.path.join(partial_dir, shard_file_name(tp_rank)), payload)
     return {"file": shard_file_name(tp_rank), "nbytes": len(payload), "checksum": checksum(payload)}
 
 
@@ -71,11 +61,11 @@ def finalize_checkpoint(save_dir: str, iteration: int, tp_size: int, shards: dic
     partial = final + ".partial"
     manifest = {"format": "gemini_lm/1", "iteration": iteration, "tp_size": tp_size,
                 "shards": shards, "time": time.time(), **extra}
-    write_bytes_atomic(os.path.join(partial, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    write_file_atomic(os.path.join(partial, "manifest.json"), json.dumps(manifest, indent=1).encode())
     if os.path.exists(final):  # re-saving the same iteration (e.g. after recovery)
         shutil.rmtree(final)
     os.replace(partial, final)
-    write_bytes_atomic(os.path.join(save_dir, TRACKER), f"{iteration}\n".encode())
+    write_file_atomic(os.path.join(save_dir, TRACKER), f"{iteration}\n".encode())
     if keep:
         prune(save_dir, keep)
     return final
