@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from gemini_lm.gemini.snapshot import as_byte_tensor
+
 HEADER_BYTES = 512
 STOP = -1
 # Two machines may replicate to each other: each rank then has a sending and a receiving
@@ -140,7 +142,7 @@ class Replicator:
         header_s = time.perf_counter() - t0
         if self.window_hook is not None:
             self.window_hook("replication", rec.iteration)
-        data = torch.frombuffer(buffer, dtype=torch.uint8)
+        data = as_byte_tensor(buffer)
         timings = []
         for off, n, when in chunks:
             if when is not None and self.timeline is not None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from gemini_lm.gemini.checksum import CorruptSnapshotError, checksum
 from gemini_lm.gemini.recovery import plan_recovery, stale_records
-from gemini_lm.gemini.snapshot import read_tensors
+from gemini_lm.gemini.snapshot import as_byte_tensor, read_tensors
 from gemini_lm.gemini.store import StaleRecordError
 from gemini_lm.training.checkpointing import latest_iteration, load_checkpoint
 
@@ -116,8 +116,8 @@ def _retrieve(ckpt, plan):
             rec = store.records(f.shard)
             rec = next(r for r in rec if r.iteration == f.iteration)
             src_view = store.open(rec, verify=False)   # verified during the inventory
-            sends.append((dist.isend(torch.frombuffer(src_view.buffer, dtype=torch.uint8).clone(),
-                                     f.dst_rank, tag=i), src_view))
+            # Sent straight from the pinned slot: the view stays open until the send is done.
+            sends.append((dist.isend(as_byte_tensor(src_view.buffer), f.dst_rank, tag=i), src_view))
         if f.dst_rank == ps.rank:
             buf = torch.empty(f.nbytes, dtype=torch.uint8)
             recvs.append((dist.irecv(buf, f.src_rank, tag=i), buf, f))
