@@ -114,6 +114,9 @@ class GeminiConfig:
     gemini_buffer_mb: float = _f(128.0, "reserved transfer buffer")
     gemini_sub_buffers: int = _f(4, "sub-buffers of the transfer buffer (pipelining)")
     gemini_gap_safety: float = _f(0.8, "fraction of each idle gap that may be used")
+    gemini_transport: str = _f("auto", "checkpoint payload path between machines: nccl = through the "
+                                       "reserved GPU buffer, gloo = host to host (auto: nccl on CUDA)",
+                               choices=["auto", "gloo", "nccl"])
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig,

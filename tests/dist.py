@@ -20,13 +20,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank, fn, world_size, init_file, timeout_s, args, queue):
+def _entry(rank, fn, world_size, init_file, timeout_s, args, queue, backend="gloo"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Each rank is its own host to NCCL: ranks sharing one GPU then talk over NCCL's
+    # network transport, as across machines, instead of failing "duplicate GPU".
+    os.environ["NCCL_HOSTID"] = f"gemini-test-rank{rank}"
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     try:
+        kwargs = {}
+        if "nccl" in backend:
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s))
+            backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         out = fn(rank, world_size, *args)
         queue.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
@@ -42,13 +50,14 @@ def _entry(rank, fn, world_size, init_file, timeout_s, args, queue):
     os._exit(0)
 
 
-def run_ranks(fn, world_size: int, tmp_path, args=(), timeout_s: float = 60.0):
-    """Spawn `world_size` processes running fn(rank, world_size, *args); return list of results."""
+def run_ranks(fn, world_size: int, tmp_path, args=(), timeout_s: float = 60.0, backend: str = "gloo"):
+    """Spawn `world_size` processes running fn(rank, world_size, *args); return list of results.
+    `backend`: of the default group, e.g. "cpu:gloo,cuda:nccl" for GPU tests."""
     # A fresh rendezvous file per world: a FileStore left by an earlier world holds stale keys.
     init_file = os.path.join(str(tmp_path), f"dist_init_{uuid.uuid4().hex}")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(r, fn, world_size, init_file, timeout_s, args, queue))
+    procs = [ctx.Process(target=_entry, args=(r, fn, world_size, init_file, timeout_s, args, queue, backend))
              for r in range(world_size)]
     for p in procs:
         p.start()

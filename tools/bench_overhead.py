@@ -71,6 +71,9 @@ class BaselineCheckpointer:
     def restore(self) -> None:
         pass
 
+    def before_update(self) -> None:
+        pass   # torch.save copies synchronously; DCP's async_save stages to CPU before returning
+
     def after_step(self, iteration: int) -> None:
         t0 = time.perf_counter()
         if self.method == "torch_save":

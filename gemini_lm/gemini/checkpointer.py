@@ -1,6 +1,7 @@
 """Checkpointer: the one face of GEMINI the training loop sees.
 
     restore()                 at start-up: memory (local, then peers), else persistent, else fresh
+    before_update()           in the optimizer step, before the update: the last snapshot has read it
     after_step(iteration)     in the optimizer step, after the update: snapshot + replicate + persist
     stats()                   timings for metrics.jsonl
     close(iteration, clean)   drain background work; a clean finish frees the memory store
@@ -17,9 +18,12 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
+import torch
 import torch.distributed as dist
 
+from gemini_lm.errors import UsageError
 from gemini_lm.gemini.interleave import TrafficScheduler
 from gemini_lm.gemini.placement import plan_placement, replication_plan
 from gemini_lm.gemini.persist import Persister
@@ -28,8 +32,18 @@ from gemini_lm.gemini.replicator import Replicator, build_routes
 from gemini_lm.gemini.restore import restore_state
 from gemini_lm.gemini.snapshot import SnapshotLayout
 from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.gemini.transport import StagedTransport, route_groups
 from gemini_lm.training.checkpointing import check_writable
 from gemini_lm.training.initialize import collective_timeout
+
+
+def resolve_transport(choice: str, device) -> str:
+    """--gemini-transport: "nccl" needs the state on a GPU; auto picks it there."""
+    if choice == "auto":
+        return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if choice == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
+        raise UsageError("--gemini-transport nccl needs --device cuda and a torch built with NCCL")
+    return choice
 
 
 def machine_id() -> str:
@@ -59,9 +73,14 @@ class Checkpointer:
                           for s in dict.fromkeys(r.shard for r in infos)}
         self.placement = plan_placement(machines, g.gemini_replicas, g.gemini_placement)
         self.routes = build_routes(infos, self.placement, replication_plan(shard_machines, self.placement))
-        # Checkpoint traffic gets a process group of its own (collective: every rank creates it).
-        self.repl_group = dist.new_group(backend="gloo", timeout=collective_timeout(cfg)) \
-            if self.routes else None
+        # Checkpoint traffic gets process groups of its own (collective: every rank creates
+        # them): gloo for the protocol's small messages, and on GPU one NCCL group per route
+        # for the payload (see transport.py).
+        timeout = collective_timeout(cfg)
+        self.repl_group = dist.new_group(backend="gloo", timeout=timeout) if self.routes else None
+        self.transport = resolve_transport(g.gemini_transport, ps.device)
+        self._route_groups = route_groups(self.routes, "nccl", timeout) \
+            if self.routes and self.transport == "nccl" else {}
         self.replicator: Replicator | None = None
         self.persister: Persister | None = None
         save = cfg.checkpoint.save
@@ -78,6 +97,11 @@ class Checkpointer:
         self.traffic = TrafficScheduler(g, ps.timeline, log=logger.console)
         self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in self.routes if r.src_rank == ps.rank}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemini-commit")
+        # On CUDA the snapshot's device-to-host copies run on a side stream while the next
+        # iteration's forward and backward run; only its update waits for them (before_update).
+        self._d2h_stream = torch.cuda.Stream(ps.device) if ps.device.type == "cuda" else None
+        self._d2h_done = None
+        self._d2h_wait_s: float | None = None
 
     # ---- start-up ---------------------------------------------------------------------
     def restore(self) -> None:
@@ -89,9 +113,12 @@ class Checkpointer:
             elif result.summary:
                 self.logger.console(result.summary)
         if self.routes:
+            staged = partial(StagedTransport, self._route_groups, self.ps.device, self.traffic.buffer_bytes,
+                             self.traffic.num_buffers) if self.transport == "nccl" else None
             self.replicator = Replicator(self.routes, self.ps.rank, self.repl_group, self.store,
                                          self.machine, chunk_bytes=self.traffic.chunk_bytes,
-                                         timeline=self.ps.timeline, on_sent=self.traffic.observe)
+                                         timeline=self.ps.timeline, on_sent=self.traffic.observe,
+                                         transports=staged)
             self.replicator.window_hook = self.window_hook
         if self.is_writer:
             self.store.prepare(self.ps.shard_id, self.layout.nbytes)
@@ -100,6 +127,13 @@ class Checkpointer:
     def after_step(self, iteration: int) -> None:
         if iteration % self.interval == 0 and self.is_writer:
             self._snapshot(iteration)
+
+    def before_update(self) -> None:
+        """Called just before the optimizer update: the state may change only once the
+        previous snapshot's copies have read it. A stream wait: the host does not block."""
+        if self._d2h_done is not None:
+            torch.cuda.current_stream(self.ps.device).wait_event(self._d2h_done)
+            self._d2h_done = None
 
     def _snapshot(self, iteration: int) -> None:
         t0 = time.perf_counter()
@@ -113,14 +147,16 @@ class Checkpointer:
         t1 = time.perf_counter()
         w = self.store.begin_write(self.ps.shard_id, self.layout.nbytes, self.layout.layout_hash)
         try:
-            self.layout.write(self.state.tensors(), w.buffer)
+            copied = self.layout.write(self.state.tensors(), w.buffer, stream=self._d2h_stream)
         except BaseException:
             self.store.abort(w)
             raise
+        self._d2h_done = copied
         t2 = time.perf_counter()
         # Checksum + commit record + hand-off to replication/persistence happen off the
-        # training thread: the loop is blocked only for the copy into shared memory.
-        self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate)
+        # training thread: the loop is blocked only for the copy into shared memory (on
+        # CUDA, only for queueing it).
+        self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate, copied)
         if replicate and not self.traffic.interleave:
             wait_s += self._drain()   # the blocking baseline: the step waits for its traffic
         self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_wait_s": wait_s,
@@ -137,7 +173,11 @@ class Checkpointer:
         if self.persister is not None:
             self.persister.window_hook = hook
 
-    def _commit_and_ship(self, w, iteration: int, replicate: bool):
+    def _commit_and_ship(self, w, iteration: int, replicate: bool, copied=None):
+        if copied is not None:
+            t0 = time.perf_counter()
+            copied.synchronize()
+            self._d2h_wait_s = time.perf_counter() - t0   # ≈ the copy's duration past the step
         if self.window_hook is not None:
             self.window_hook("snapshot", iteration)
         rec = self.store.commit(w, iteration)
@@ -163,6 +203,8 @@ class Checkpointer:
 
     def stats(self) -> dict:
         out = dict(self._stats)
+        if self._d2h_wait_s is not None:
+            out["gemini_d2h_wait_s"] = self._d2h_wait_s
         if self.replicator is not None and self.replicator.last_send_s is not None:
             out["gemini_repl_send_s"] = self.replicator.last_send_s
         if self.persister is not None and self.persister.last_persist_s is not None:

@@ -13,6 +13,9 @@ receiver writes chunks straight into the store's slot and commits only after the
 one with the sender's checksum, so a replica is never visible half-written. An
 iteration of -1 in the header ends the stream.
 
+The payload chunks travel on a transport (transport.py): over gloo straight between
+host memory, or on GPU through a reserved device buffer over NCCL.
+
 Sending is asynchronous: `submit()` hands a committed slot to the sender thread and
 returns; `wait()` blocks until the previous snapshot is fully sent. The checkpointer
 calls `wait()` before reusing a slot, so the slot being sent is never overwritten.
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from gemini_lm.gemini.snapshot import as_byte_tensor
+from gemini_lm.gemini.transport import DirectTransport
 
 HEADER_BYTES = 512
 STOP = -1
@@ -64,8 +68,12 @@ def _decode_header(t: torch.Tensor) -> dict:
 
 class Replicator:
     def __init__(self, routes: list[Route], rank: int, group, store, machine_id: str,
-                 chunk_bytes: int, timeline=None, on_sent: Callable | None = None):
+                 chunk_bytes: int, timeline=None, on_sent: Callable | None = None,
+                 transports: Callable | None = None):
+        """`transports()` makes a payload transport (one per thread: a staged one owns
+        its buffer); default: DirectTransport on `group`."""
         self.rank, self.group, self.store = rank, group, store
+        make = transports or (lambda: DirectTransport(group))
         self.machine_id, self.chunk_bytes = machine_id, chunk_bytes
         self.timeline, self.on_sent = timeline, on_sent
         self.window_hook: Callable | None = None   # failure injection: see Checkpointer.set_window_hook
@@ -79,10 +87,14 @@ class Replicator:
         self._idle = threading.Event()
         self._idle.set()
         self._threads = []
+        self._transports = []
         if self.out_routes:
+            self._send_transport = make()
+            self._transports.append(self._send_transport)
             self._threads.append(threading.Thread(target=self._send_loop, name="gemini-send", daemon=True))
         for r in self.in_routes:
-            self._threads.append(threading.Thread(target=self._recv_loop, args=(r,),
+            self._transports.append(make())
+            self._threads.append(threading.Thread(target=self._recv_loop, args=(r, self._transports[-1]),
                                                   name=f"gemini-recv-{r.shard}", daemon=True))
         for t in self._threads:
             t.start()
@@ -123,7 +135,9 @@ class Replicator:
                                   for off in range(0, rec.nbytes, self.chunk_bytes)]
                     else:
                         chunks = chunker(r.dst_machine, rec.nbytes, rec.iteration)
-                    self._send_one(view.buffer, rec, r, chunks)
+                    # The writer's own mapping of the slot is page-locked on CUDA: DMA-able.
+                    data = self.store.writer_mapping(rec)
+                    self._send_one(as_byte_tensor(view.buffer) if data is None else data, rec, r, chunks)
                 self.last_send_s = time.perf_counter() - t0
             except BaseException as exc:  # noqa: BLE001 - surfaced to the training thread
                 self.error = exc
@@ -132,7 +146,7 @@ class Replicator:
                 if self._jobs.empty():
                     self._idle.set()
 
-    def _send_one(self, buffer, rec, route: Route, chunks: list) -> None:
+    def _send_one(self, data: torch.Tensor, rec, route: Route, chunks: list) -> None:
         header = {"iteration": rec.iteration, "nbytes": rec.nbytes, "checksum": rec.checksum,
                   "layout_hash": rec.layout_hash, "machine": self.machine_id, "chunks": len(chunks)}
         t0 = time.perf_counter()
@@ -142,15 +156,8 @@ class Replicator:
         header_s = time.perf_counter() - t0
         if self.window_hook is not None:
             self.window_hook("replication", rec.iteration)
-        data = as_byte_tensor(buffer)
-        timings = []
-        for off, n, when in chunks:
-            if when is not None and self.timeline is not None:
-                self.timeline.wait_until(*when)
-            t = time.perf_counter()
-            dist.send(data[off:off + n], route.dst_rank, group=self.group, tag=DATA_TAG)
-            timings.append((n, time.perf_counter() - t))
-            self.bytes_sent += n
+        timings = self._send_transport.send(data, chunks, route.dst_rank, self._gate, DATA_TAG)
+        self.bytes_sent += sum(n for _, n, _ in chunks)
         # The receiver acknowledges its commit: "sent" then means "complete on the peer".
         ack = torch.zeros(1, dtype=torch.int64)
         dist.recv(ack, route.dst_rank, group=self.group, tag=ACK_TAG)
@@ -159,8 +166,12 @@ class Replicator:
         if self.on_sent is not None:
             self.on_sent(header_s / 2, timings)   # two small messages in the header phase
 
+    def _gate(self, when: tuple) -> None:
+        if self.timeline is not None:
+            self.timeline.wait_until(*when)
+
     # ---- receiving --------------------------------------------------------------------
-    def _recv_loop(self, route: Route) -> None:
+    def _recv_loop(self, route: Route, transport) -> None:
         header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
         while True:
             try:
@@ -172,12 +183,7 @@ class Replicator:
                 dist.recv(sizes, route.src_rank, group=self.group, tag=DATA_TAG)
                 w = self.store.begin_write(route.shard, h["nbytes"], h["layout_hash"])
                 try:
-                    off = 0
-                    for n in sizes.tolist():
-                        # Receive straight into shared memory: on CPU the store is the
-                        # receive buffer, so there is no bounce copy to pipeline.
-                        dist.recv(w.buffer[off:off + n], route.src_rank, group=self.group, tag=DATA_TAG)
-                        off += n
+                    transport.recv(w.buffer, sizes.tolist(), route.src_rank, DATA_TAG)
                 except BaseException:
                     self.store.abort(w)
                     raise
@@ -206,10 +212,15 @@ class Replicator:
                 except Exception:  # noqa: BLE001 - peer already gone
                     pass
             self._jobs.put(None)
+        stuck = False
         for t in self._threads:
             t.join(timeout)
             if t.is_alive():   # a peer never sent its stop: say so rather than hang
                 print(f"WARNING: GEMINI replication thread {t.name} did not stop", flush=True)
+                stuck = True
+        if not stuck:   # a stuck thread may still be using its transport's buffer
+            for tr in self._transports:
+                tr.close()
 
 
 def build_routes(rank_infos, placement, replication_plan) -> list[Route]:

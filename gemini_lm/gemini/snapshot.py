@@ -171,12 +171,16 @@ class SnapshotLayout:
         entries = {name: Entry(start + b, e - b, dtype, shape) for b, e, name, dtype, shape in items}
         return cls(bytes(mv[:start]), entries, metadata)
 
-    def write(self, tensors: Mapping[str, torch.Tensor], out) -> None:
+    def write(self, tensors: Mapping[str, torch.Tensor], out, stream=None):
         """Copy header and every tensor (any device) into `out`, a writable buffer of `nbytes`.
 
         The per-step hot path: every tensor copied straight into its view of `out`, no staging.
-        CUDA sources are copied device-to-host asynchronously when `out` is pinned, then
-        synchronized, so `out` is complete when this returns.
+        CUDA sources are copied device-to-host asynchronously when `out` is pinned. Without
+        `stream`, this synchronizes, so `out` is complete when it returns (and None is
+        returned). With a side `stream` (a torch.cuda.Stream) the copies are queued there
+        after the work already queued on the current stream, and a CUDA event is returned:
+        `out` is complete once it has fired, and the caller must not modify the CUDA
+        sources before then (make the current stream wait on it).
         """
         dst = as_byte_tensor(out, writable=True)
         if dst.numel() != self.nbytes:
@@ -193,10 +197,20 @@ class SnapshotLayout:
             dsts.append(_view(dst, e, writable=True))
         dst[:len(self.header)].copy_(self._header_tensor)
         # One call for all copies: per-tensor Python dispatch was ~15% of a 64 MB snapshot.
+        # Host sources are copied by the CPU, synchronously, in the same call.
         non_blocking = torch.cuda.is_available() and dst.is_pinned()
-        torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
-        for device in {s.device for s in srcs if s.is_cuda}:
-            torch.cuda.synchronize(device)
+        devices = {s.device for s in srcs if s.is_cuda}
+        if stream is None or not devices:
+            torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+            for device in devices:
+                torch.cuda.synchronize(device)
+            return None
+        if len(devices) > 1 or stream.device not in devices:
+            raise ValueError(f"a side stream on {stream.device} cannot copy state from {sorted(map(str, devices))}")
+        stream.wait_stream(torch.cuda.current_stream(stream.device))   # the update's results first
+        with torch.cuda.stream(stream):
+            torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
+            return stream.record_event()
 
     def read(self, buf) -> dict[str, torch.Tensor]:
         """Zero-copy views of the tensors in `buf`, which must have been written with this layout."""

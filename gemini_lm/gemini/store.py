@@ -392,6 +392,16 @@ class MemoryStore:
                     fcntl.flock(s.fd, fcntl.LOCK_UN)
 
     # ---- reading --------------------------------------------------------------------
+    def writer_mapping(self, record: CommitRecord) -> torch.Tensor | None:
+        """This process's own mapping of `record`'s slot if it wrote it (None otherwise):
+        page-locked on CUDA, so a device can DMA from it. Read it only while a view of
+        the record is open (the view keeps the writer off the slot)."""
+        with self._lock:
+            s = self._slots.get((record.shard, record.slot))
+            if s is None or s.buffer is None or s.size != record.nbytes:
+                return None
+            return s.buffer
+
     def open(self, record: CommitRecord, verify: bool = True) -> SnapshotView:
         """Pin a committed slot for reading; raises StaleRecordError if it was reused meanwhile
         and CorruptSnapshotError if its bytes do not match the record's checksum."""

@@ -179,6 +179,9 @@ class PersistentCheckpointer:
             self.logger.console(f"loaded persistent checkpoint {self.cfg.load} at iteration {it} "
                                 f"in {time.perf_counter() - t0:.2f}s")
 
+    def before_update(self) -> None:
+        pass   # saves are synchronous: nothing still reads the state
+
     def after_step(self, iteration: int) -> None:
         c = self.cfg
         if c.save and c.save_interval and iteration % c.save_interval == 0:

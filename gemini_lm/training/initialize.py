@@ -44,9 +44,13 @@ def initialize_distributed(cfg: Config) -> ParallelState:
     if backend == "nccl" and device.type != "cuda":
         raise UsageError("--distributed-backend nccl needs --device cuda")
     timeout = collective_timeout(cfg)
+    if backend == "nccl":
+        # Host tensors (recovery's inventory and peer fetches, input checks) go over gloo on
+        # the same groups; device tensors over NCCL.
+        backend = "cpu:gloo,cuda:nccl"
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            kwargs = {"device_id": device} if backend == "nccl" else {}
+            kwargs = {"device_id": device} if "nccl" in backend else {}
             dist.init_process_group(backend, timeout=timeout, **kwargs)
         else:
             # `python pretrain_gpt.py`: a world of one, no rendezvous needed.

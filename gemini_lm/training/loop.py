@@ -172,7 +172,8 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
             t_iter = time.perf_counter()
             out = train_step(forward_step, data_iter, model, ddp, optimizer, scheduler, progress,
                              iteration=iteration, num_micro_batches=n_micro, global_batch_size=gbs,
-                             ps=ps, after_update=checkpointer.after_step)
+                             ps=ps, before_update=checkpointer.before_update,
+                             after_update=checkpointer.after_step)
             failures.progress(iteration)
             if iteration == start_iteration + 1:
                 timeline.first_iteration_done(iteration)

@@ -29,7 +29,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def train_step(forward_step: Callable, data_iter: Iterator, model, ddp, optimizer, scheduler,
                progress, *, iteration: int, num_micro_batches: int, global_batch_size: int, ps,
-               after_update: Callable[[int], None]) -> StepOutput:
+               before_update: Callable[[], None], after_update: Callable[[int], None]) -> StepOutput:
     ps.timeline.begin_iteration(iteration)
     model.train()
     ddp.zero_grad_buffer()
@@ -44,6 +44,7 @@ def train_step(forward_step: Callable, data_iter: Iterator, model, ddp, optimize
         losses.append(loss.detach())
     ddp.finish_grad_sync()
     ps.timeline.mark_update()   # checkpoint traffic that did not fit in the gaps may go now
+    before_update()             # the previous snapshot's copies have read the state
     result = optimizer.step(iteration)
     if result.update_successful:
         scheduler.step()
