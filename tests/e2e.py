@@ -66,7 +66,8 @@ def pretrain_body(rank: int, world_size: int, argv: list[str], machines: list[st
 
 
 def run_pretrain(tmp_path, argv: list[str], world_size: int = 1, machines: list[str] | None = None,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, backend: str = "gloo"):
     from tests.dist import run_ranks
 
-    return run_ranks(pretrain_body, world_size, tmp_path, args=(argv, machines), timeout_s=timeout_s)
+    return run_ranks(pretrain_body, world_size, tmp_path, args=(argv, machines), timeout_s=timeout_s,
+                     backend=backend)

@@ -123,8 +123,16 @@ def _rank(rank: int, init_file: str, argv: list[str], method: str, work: str, lo
     os.dup2(fd, 2)
     os.environ["GEMINI_MACHINE_ID"] = f"m{rank}"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=300))
+    kwargs = {}
+    if "--device" in argv and argv[argv.index("--device") + 1] == "cuda":
+        # The two "machines" may share one GPU: each is its own NCCL host, so NCCL talks
+        # between them over its network transport, as between machines.
+        os.environ["NCCL_HOSTID"] = f"m{rank}"
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        kwargs = {"backend": "cpu:gloo,cuda:nccl", "device_id": torch.device("cuda", torch.cuda.current_device())}
+    dist.init_process_group(kwargs.pop("backend", "gloo"), init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300), **kwargs)
     import pretrain_gpt
     from gemini_lm.config import parse_config
     from gemini_lm.training import loop
@@ -157,7 +165,8 @@ def run_once(method: str, args, work: str, name: str) -> list[dict]:
             "--lr", "1e-4", "--lr-warmup-iters", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--log-interval", "1", "--eval-interval", "0", "--log-dir", log_dir,
             "--gemini-store-dir", os.path.join(args.shm, os.path.basename(work)), "--gemini-job-id", name,
-            "--gemini-profile-iters", str(args.profile_iters), "--gemini-buffer-mb", str(args.buffer_mb)]
+            "--gemini-profile-iters", str(args.profile_iters), "--gemini-buffer-mb", str(args.buffer_mb),
+            "--device", args.device]
     if method == "local":
         argv += ["--gemini-replicas", "1"]
     elif method == "interleaved":
@@ -212,6 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--global-batch-size", type=int, default=8, help="2 micro-batches by default")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: state on the GPU, NCCL for training and checkpoint payloads")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="disk directory for the baselines' files")
     p.add_argument("--shm", default="/dev/shm", help="where the GEMINI stores go")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
@@ -265,7 +276,7 @@ def main() -> None:
     secs = {m: med(per_round[m]) for m in METHODS}
     cpu = {m: med(cpu_round[m]) for m in METHODS}
     snap = last["interleaved"]
-    print(f"\n{WORLD} ranks as {WORLD} machines, TP={WORLD}, {args.num_layers} layers, hidden {args.hidden_size}, "
+    print(f"\n{WORLD} ranks as {WORLD} machines on {args.device}, TP={WORLD}, {args.num_layers} layers, hidden {args.hidden_size}, "
           f"seq {args.seq_length}, batch {args.global_batch_size} (micro {args.micro_batch_size}); snapshot "
           f"{snap['gemini_snapshot_bytes'] / 2**20:.1f} MiB per rank, sent to the other machine every iteration; "
           f"{args.rounds} round(s) x {args.iters - args.skip} iterations; cpus {os.cpu_count()}, "
@@ -294,7 +305,7 @@ def main() -> None:
                 "config": {k: getattr(args, k) for k in ("rounds", "iters", "skip", "profile_iters", "buffer_mb",
                                                           "num_layers", "hidden_size", "num_attention_heads",
                                                           "seq_length", "micro_batch_size", "global_batch_size",
-                                                          "dir")}})
+                                                          "dir", "device")}})
     print(json.dumps(out))
 
 

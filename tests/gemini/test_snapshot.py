@@ -192,6 +192,29 @@ def test_cuda_state_into_pinned_buffer():
     _assert_same({k: v.cpu() for k, v in dst.items()}, {k: v.cpu() for k, v in state.items()})
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_side_stream_snapshot_holds_the_state_as_of_the_call():
+    state = {k: v.cuda() for k, v in _state().items()}
+    state["on_host"] = torch.arange(5)                           # host tensors are copied at once
+    layout = SnapshotLayout.build(state, META)
+    out = torch.empty(layout.nbytes, dtype=torch.uint8).pin_memory()
+    big = torch.randn(4096, 4096, device="cuda")
+    for v in state.values():       # queued before the call on the current stream: must be included
+        if v.is_cuda and v.is_floating_point():
+            v.add_(1)
+    big @ big                      # keep the current stream busy past the call
+    expected = {k: v.cpu() for k, v in state.items()}
+    side = torch.cuda.Stream()
+    done = layout.write(state, out, stream=side)
+    assert isinstance(done, torch.cuda.Event)
+    torch.cuda.current_stream().wait_event(done)                 # what Checkpointer.before_update does
+    for v in state.values():
+        if v.is_cuda and v.is_floating_point():
+            v.mul_(0)
+    done.synchronize()
+    _assert_same(read_tensors(out), expected)
+
+
 def test_write_refuses_a_misaligned_buffer():
     layout = SnapshotLayout.build(_state(), META)
     backing = bytearray(layout.nbytes + 1)

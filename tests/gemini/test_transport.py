@@ -23,6 +23,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not NCCL, reason
 SUB, NBUF = 1000, 3
 
 
+def _device(kind):
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
 def _backend(device):
     return "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
 
@@ -55,7 +59,7 @@ def _exchange_body(rank, world_size, device, kind):
     groups = route_groups(routes, backend, timeout=None)
     shared = dist.new_group(backend="gloo")   # direct: both directions on one group, told apart by tag
     make = partial(DirectTransport, shared) if kind == "direct" else \
-        partial(StagedTransport, groups, torch.device(device, 0) if device == "cuda" else torch.device("cpu"),
+        partial(StagedTransport, groups, _device(device),
                 SUB * NBUF, NBUF)
     sender, receiver = make(), make()
     peer, nbytes = 1 - rank, 5_555 + 1_000 * rank
@@ -97,7 +101,7 @@ def test_a_chunk_larger_than_a_sub_buffer_is_refused():
 
 
 def _replicate_body(rank, world_size, device, root):
-    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    dev = _device(device)
     machine, shard = f"m{rank}", f"tp{rank:02d}"
     routes = [Route("tp00", 0, 1, "m0", "m1"), Route("tp01", 1, 0, "m1", "m0")]
     backend = "nccl" if device == "cuda" else "gloo"
