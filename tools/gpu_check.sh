@@ -5,7 +5,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING=false
 PY=${PY:-python3}
 {
   $PY -c "import sys, torch; print(sys.version.split()[0], torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), torch.cuda.get_device_name())"
@@ -14,6 +14,6 @@ PY=${PY:-python3}
 } 2>&1 | tee "$OUT/env.txt"
 timeout 240 $PY -m pytest -q -p no:cacheprovider tests/gemini/test_transport.py tests/gemini/test_snapshot.py \
   tests/gemini/test_store.py tests/gemini/test_cuda.py tests/gemini/test_sigkill_restart.py 2>&1 | tee "$OUT/tests.txt"
-timeout 200 $PY tools/bench_overhead.py --device cuda --quick --num-layers 6 --hidden-size 768 \
+timeout 200 $PY tools/bench_overhead.py --device cuda --quick --timeout 80 --num-layers 6 --hidden-size 768 \
   --num-attention-heads 12 --seq-length 512 --micro-batch-size 4 --global-batch-size 8 2>&1 \
   | tee "$OUT/bench_overhead_cuda.txt"

@@ -181,7 +181,7 @@ class Replicator:
                     return
                 sizes = torch.empty(h["chunks"], dtype=torch.int64)
                 dist.recv(sizes, route.src_rank, group=self.group, tag=DATA_TAG)
-                w = self.store.begin_write(route.shard, h["nbytes"], h["layout_hash"])
+                w = self.store.begin_write(route.shard, h["nbytes"], h["layout_hash"], pin=False)
                 try:
                     transport.recv(w.buffer, sizes.tolist(), route.src_rank, DATA_TAG)
                 except BaseException:

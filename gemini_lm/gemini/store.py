@@ -85,6 +85,15 @@ class WriteHandle:
     done: bool = False
 
 
+def _clear_cuda_error() -> None:
+    """A failed runtime call leaves its error pending for this thread, and the next kernel
+    launch check would raise it: consume it with a launch whose check we expect to fail."""
+    try:
+        torch.empty(1, device="cuda").zero_()
+    except RuntimeError:
+        pass
+
+
 class _Slot:
     """The writer's mapping of one payload file, kept between snapshots so a snapshot is one copy."""
 
@@ -95,12 +104,15 @@ class _Slot:
         self.buffer: torch.Tensor | None = None
         self.pinned = False
 
-    def pin(self) -> None:
-        """Page-lock the mapping for CUDA, so device-to-host snapshot copies run async at full speed."""
-        err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.size, 1)  # portable
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of a {self.size}-byte slot failed: {err}")
+    def pin(self) -> bool:
+        """Page-lock the mapping for CUDA, so device-to-host snapshot copies run async at full
+        speed. False if the driver refuses (e.g. a store dir on a disk filesystem, not tmpfs)."""
+        err = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.size, 1))  # portable
+        if err != 0:
+            _clear_cuda_error()
+            return False
         self.pinned = True
+        return True
 
     def unmap(self) -> None:
         if self.pinned:
@@ -198,6 +210,7 @@ class MemoryStore:
         if pin_memory and not torch.cuda.is_available():
             raise UsageError("pinned snapshot slots need CUDA")
         self.job_id, self.machine_id, self.pin_memory = job_id, machine_id, pin_memory
+        self.root, self._warned_pin = root, False
         self.path = os.path.join(root, job_id, machine_id)
         os.makedirs(root, mode=0o700, exist_ok=True)   # may be shared by users; below it is private
         for p in (os.path.join(root, job_id), self.path):
@@ -265,7 +278,7 @@ class MemoryStore:
             s = self._slots[(shard, slot)] = _Slot(fd)
         return s
 
-    def _map(self, s: _Slot, nbytes: int) -> None:
+    def _map(self, s: _Slot, nbytes: int, pin: bool = True) -> None:
         """Size and map an uncommitted slot, faulting its pages in now rather than mid-snapshot."""
         if s.mm is not None and s.size == nbytes:
             return
@@ -276,8 +289,10 @@ class MemoryStore:
         s.buffer = torch.frombuffer(s.mm, dtype=torch.uint8)
         s.buffer[::mmap.PAGESIZE].zero_()     # one write per page; the slot holds no committed data
         s.size = nbytes
-        if self.pin_memory:
-            s.pin()
+        if self.pin_memory and pin and not s.pin() and not self._warned_pin:
+            self._warned_pin = True
+            print(f"WARNING: GEMINI could not page-lock its slots in {self.root} (a tmpfs such as /dev/shm "
+                  "can be): snapshots copy off the GPU synchronously", flush=True)
 
     def _reusable_slots(self, shard: str) -> list[str]:
         """Slots a writer may take, oldest iteration first; spare names last."""
@@ -292,8 +307,10 @@ class MemoryStore:
         order = sorted(names - {newest}, key=lambda n: (committed.get(n, -1), n))
         return order + [n for n in SLOT_NAMES if n not in names]
 
-    def begin_write(self, shard: str, nbytes: int, layout_hash: str) -> WriteHandle:
-        """Take a slot for a new snapshot of `shard` and un-commit it; fill `.buffer`, then commit()."""
+    def begin_write(self, shard: str, nbytes: int, layout_hash: str, pin: bool = True) -> WriteHandle:
+        """Take a slot for a new snapshot of `shard` and un-commit it; fill `.buffer`, then commit().
+        `pin=False`: never page-lock it (a replica from a peer: no device reads or writes it,
+        and registering memory mid-training can stall the device)."""
         _check_id("shard id", shard, _SHARD_ID)
         with self._lock:
             if shard in self._writing:
@@ -309,7 +326,7 @@ class MemoryStore:
                 raise RuntimeError(f"{shard}: every slot is pinned by readers")
             try:
                 _unlink(self._record_path(shard, slot))   # from here on a crash leaves no record for this slot
-                self._map(s, nbytes)
+                self._map(s, nbytes, pin)
             except BaseException:
                 fcntl.flock(s.fd, fcntl.LOCK_UN)
                 raise

@@ -10,8 +10,9 @@ interleaving plan.
 - StagedTransport (GPU, NCCL): GEMINI's reserved transfer buffer. Each side reserves R
   bytes on its device, split into p sub-buffers; chunk k goes through sub-buffer k mod p.
   The sender copies host -> sub-buffer on its copy stream and sends from there; the
-  receiver receives into one sub-buffer while the previous one drains device -> host
-  into the store on a second stream (the pipelining). Each route has its own NCCL
+  receiver receives into one sub-buffer while the previous one drains device -> host on
+  a second stream, into pinned host sub-buffers the CPU copies into the store (the
+  pipelining). Each route has its own NCCL
   communicator, so two machines replicating to each other never queue a send behind
   a receive on one NCCL stream. On CPU the same code runs over gloo with host
   sub-buffers (no streams); the tests use that to check the chunk bookkeeping.
@@ -69,6 +70,11 @@ class StagedTransport:
         if self.cuda:
             self.stream = torch.cuda.Stream(self.device)     # sender: H2D; receiver: issues receives
             self.drain = torch.cuda.Stream(self.device)      # sender: completions; receiver: D2H
+            # The receiver drains into page-locked host sub-buffers of its own, then copies
+            # into the store: the store's slots are never registered with the driver mid-run
+            # (that can wait for the device, which may be waiting for this very peer).
+            self.host = torch.empty(sub * num_buffers, dtype=torch.uint8, pin_memory=True)
+            self.host_subs = [self.host[i * sub:(i + 1) * sub] for i in range(num_buffers)]
 
     def _check(self, sizes) -> None:
         if any(n > self.sub_bytes for n in sizes):
@@ -135,27 +141,39 @@ class StagedTransport:
                 out[off:off + n].copy_(sub)
                 off += n
             return
-        p, drained, off = self.num_buffers, [None] * self.num_buffers, 0
+        # Three stages overlap: the network fills sub-buffer k, the copy engine drains k-1
+        # to pinned host memory, the CPU copies k-2's bytes into the store.
+        p, drained, off, pending = self.num_buffers, [None] * self.num_buffers, 0, []
         with torch.cuda.device(self.device):
             for k, n in enumerate(sizes):
                 i = k % p
+                if pending and pending[0][1] == i:   # host sub-buffer i still holds unstored bytes
+                    self._store(out, *pending.pop(0))
                 with torch.cuda.stream(self.stream):
                     if drained[i] is not None:
-                        self.stream.wait_event(drained[i])   # sub-buffer i is free again
+                        self.stream.wait_event(drained[i])   # device sub-buffer i is free again
                     work = dist.irecv(self.subs[i][:n], src, group=group)
                 with torch.cuda.stream(self.drain):
                     work.wait()
-                    out[off:off + n].copy_(self.subs[i][:n], non_blocking=True)
+                    self.host_subs[i][:n].copy_(self.subs[i][:n], non_blocking=True)
                     drained[i] = torch.cuda.Event()
                     drained[i].record()
+                pending.append((drained[i], i, off, n))
+                if len(pending) > 1:
+                    self._store(out, *pending.pop(0))
                 off += n
-            self.drain.synchronize()   # `out` is complete: the caller may commit it
+            while pending:   # then `out` is complete: the caller may commit it
+                self._store(out, *pending.pop(0))
+
+    def _store(self, out, drained, i: int, off: int, n: int) -> None:
+        drained.synchronize()
+        out[off:off + n].copy_(self.host_subs[i][:n])
 
     def close(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self.buffer = None
-        self.subs = []
+        self.buffer = self.host = None
+        self.subs, self.host_subs = [], []
 
 
 def route_groups(routes, backend: str, timeout) -> dict:

@@ -24,6 +24,7 @@ signal handlers only between bytecodes of the main thread.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
@@ -121,6 +122,9 @@ class FailureHandler:
         while not self._stop.wait(period):
             idle = time.monotonic() - self._last_progress
             if idle > self.hang_timeout_s:
+                # Where every thread is stuck (training, replication, commit) is what an
+                # operator needs to tell a dead peer from a local deadlock.
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 self.fail("hang", f"no completed iteration for {idle:.1f}s "
                                   f"(--gemini-hang-timeout {self.hang_timeout_s:g})")
 

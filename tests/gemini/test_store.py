@@ -1,6 +1,8 @@
 import json
 import os
+import shutil
 import stat
+import tempfile
 
 import pytest
 import torch
@@ -227,16 +229,30 @@ def test_commit_from_a_background_thread(store):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pinned_slots_take_cuda_state(tmp_path):
-    store = MemoryStore(str(tmp_path / "shm"), "job1", "machine0", pin_memory=True)
-    state = {k: v.cuda() for k, v in _state(2).items()}
-    w = store.begin_write("tp00", LAYOUT.nbytes, LAYOUT.layout_hash)
-    assert w.buffer.is_pinned()
-    LAYOUT.write(state, w.buffer)
-    rec = store.commit(w, 2)
-    with store.open(rec) as view:
-        assert bytes(view.buffer) == _expected_bytes(2)
-    store.wipe()
+@pytest.mark.parametrize("where", ["tmpfs", "disk"])
+def test_pinned_slots_take_cuda_state(tmp_path, where, capsys):
+    """On tmpfs the writer's slots are page-locked; where the driver refuses (a disk
+    filesystem) the store says so once and works unpinned. Replica slots are never pinned."""
+    if where == "tmpfs" and not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    root = tempfile.mkdtemp(dir="/dev/shm") if where == "tmpfs" else str(tmp_path / "shm")
+    try:
+        store = MemoryStore(root, "job1", "machine0", pin_memory=True)
+        state = {k: v.cuda() for k, v in _state(2).items()}
+        w = store.begin_write("tp00", LAYOUT.nbytes, LAYOUT.layout_hash)
+        assert w.buffer.is_pinned() == (where == "tmpfs")
+        LAYOUT.write(state, w.buffer)
+        rec = store.commit(w, 2)
+        with store.open(rec) as view:
+            assert bytes(view.buffer) == _expected_bytes(2)
+        torch.ones(1, device="cuda").add_(1)   # no CUDA error left pending by a refused registration
+        replica = store.begin_write("tp01", LAYOUT.nbytes, LAYOUT.layout_hash, pin=False)
+        assert not replica.buffer.is_pinned()
+        store.abort(replica)
+        assert ("could not page-lock" in capsys.readouterr().out) == (where == "disk")
+        store.wipe()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_slot_payload_file_is_a_safetensors_file(store):
