@@ -44,9 +44,10 @@ def test_sigterm_by_hand_flushes_to_save_then_ctrl_c_cleans_up(byte_corpus, tmp_
         assert rec["failure_kind"] == "sigterm" and rec["source"] == "local"
         failure = next(f for f in read_jsonl(os.path.join(log_dir, "failures.jsonl")) if f["cause"] == "sigterm")
         flushed = int(failure["detail"].split("flushed iteration ")[1].split()[0])
-        # The preemption notice left the newest snapshot on disk, complete and finalized
-        # (no --save-interval: nothing else writes there before the end).
-        assert flushed >= 5 and latest_iteration(save) == flushed
+        # The preemption notice left the newest committed snapshot on disk, complete and
+        # finalized (no --save-interval: nothing else writes there before the end). Iteration
+        # 5's snapshot may still be committing off the training thread when the signal lands.
+        assert flushed >= 4 and latest_iteration(save) == flushed
         cluster.send_signal(signal.SIGINT)
         assert cluster.wait(timeout=30) == 130
     finally:
