@@ -121,6 +121,9 @@ class Cluster:
                "--max-restarts", str(a.max_restarts), "--monitor-interval", "0.2",
                "--local-addr", "127.0.0.1", *self.train]
         env = {**os.environ, "GEMINI_MACHINE_ID": mid, procs.CLUSTER_ENV: self.cluster_id,
+               # machines sharing a host's GPUs are separate hosts to NCCL too (one GPU may
+               # then serve several machines: NCCL would refuse a "duplicate GPU" otherwise)
+               "NCCL_HOSTID": mid,
                # pytorch#135712: sharing the rendezvous store with workers breaks gloo after restarts
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
