@@ -114,8 +114,8 @@ class GeminiConfig:
     gemini_buffer_mb: float = _f(128.0, "reserved transfer buffer")
     gemini_sub_buffers: int = _f(4, "sub-buffers of the transfer buffer (pipelining)")
     gemini_gap_safety: float = _f(0.8, "fraction of each idle gap that may be used")
-    gemini_transport: str = _f("auto", "checkpoint payload path between machines: nccl = through the "
-                                       "reserved GPU buffer, gloo = host to host (auto: nccl on CUDA)",
+    gemini_transport: str = _f("auto", "checkpoint payload path between machines: nccl = GPU to GPU "
+                                       "through the reserved GPU buffer, gloo = host to host (auto: gloo)",
                                choices=["auto", "gloo", "nccl"])
 
 

@@ -166,7 +166,7 @@ def run_once(method: str, args, work: str, name: str) -> list[dict]:
             "--log-interval", "1", "--eval-interval", "0", "--log-dir", log_dir,
             "--gemini-store-dir", os.path.join(args.shm, os.path.basename(work)), "--gemini-job-id", name,
             "--gemini-profile-iters", str(args.profile_iters), "--gemini-buffer-mb", str(args.buffer_mb),
-            "--device", args.device]
+            "--device", args.device, "--gemini-transport", args.transport]
     if method == "local":
         argv += ["--gemini-replicas", "1"]
     elif method == "interleaved":
@@ -223,6 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=8, help="2 micro-batches by default")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: state on the GPU, NCCL for training and checkpoint payloads")
+    p.add_argument("--transport", default="auto", choices=["auto", "gloo", "nccl"], help="--gemini-transport")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="disk directory for the baselines' files")
     p.add_argument("--shm", default="/dev/shm", help="where the GEMINI stores go")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
@@ -276,7 +277,7 @@ def main() -> None:
     secs = {m: med(per_round[m]) for m in METHODS}
     cpu = {m: med(cpu_round[m]) for m in METHODS}
     snap = last["interleaved"]
-    print(f"\n{WORLD} ranks as {WORLD} machines on {args.device}, TP={WORLD}, {args.num_layers} layers, hidden {args.hidden_size}, "
+    print(f"\n{WORLD} ranks as {WORLD} machines on {args.device} (transport {args.transport}), TP={WORLD}, {args.num_layers} layers, hidden {args.hidden_size}, "
           f"seq {args.seq_length}, batch {args.global_batch_size} (micro {args.micro_batch_size}); snapshot "
           f"{snap['gemini_snapshot_bytes'] / 2**20:.1f} MiB per rank, sent to the other machine every iteration; "
           f"{args.rounds} round(s) x {args.iters - args.skip} iterations; cpus {os.cpu_count()}, "
@@ -305,7 +306,7 @@ def main() -> None:
                 "config": {k: getattr(args, k) for k in ("rounds", "iters", "skip", "profile_iters", "buffer_mb",
                                                           "num_layers", "hidden_size", "num_attention_heads",
                                                           "seq_length", "micro_batch_size", "global_batch_size",
-                                                          "dir", "device")}})
+                                                          "dir", "device", "transport")}})
     print(json.dumps(out))
 
 

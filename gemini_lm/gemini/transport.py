@@ -176,6 +176,29 @@ class StagedTransport:
         self.subs, self.host_subs = [], []
 
 
+def connect_routes(routes, groups: dict, device: torch.device, nbytes: int) -> None:
+    """Open every route's connections now, before training starts.
+
+    NCCL connects a pair of ranks on their first send/receive, and that set-up can wait
+    for the whole device (NCCL's docs: any CUDA call may synchronize it). Mid-run the
+    device may be busy with a training collective that is itself waiting for this peer,
+    which is waiting for the connection: a deadlock (seen on an H100 with
+    --gemini-interleave off). One message of a full sub-buffer per route connects every
+    channel a chunk will use. Routes go in one global order and every rank finishes each
+    before the next, so the lowest unfinished route always has both ends at it."""
+    device = torch.device(device)
+    rank, buf = dist.get_rank(), torch.zeros(max(1, nbytes), dtype=torch.uint8, device=device)
+    for src, dst in sorted({(r.src_rank, r.dst_rank) for r in routes}):
+        if rank == src:
+            dist.send(buf, dst, group=groups[(src, dst)])
+        elif rank == dst:
+            dist.recv(buf, src, group=groups[(src, dst)])
+        else:
+            continue
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)   # NCCL's send/recv return once queued
+
+
 def route_groups(routes, backend: str, timeout) -> dict:
     """One two-rank group per route, created in the same order on every rank (new_group
     is collective over the world)."""

@@ -1,7 +1,7 @@
 """GEMINI on GPU, end to end: two ranks play two machines (TP=2, each machine holds its
-shard and the other's replica) with the state on CUDA, NCCL for training collectives and
-for checkpoint payloads (through the reserved GPU buffer), snapshots copied off the GPU
-on a side stream. A machine whose memory is lost recovers from its peer and continues
+shard and the other's replica) with the state on CUDA, NCCL for training collectives,
+checkpoint payloads over NCCL (through the reserved GPU buffer) or gloo, snapshots
+copied off the GPU on a side stream. A machine whose memory is lost recovers from its peer and continues
 bit for bit like the uninterrupted run. Two ranks may share one GPU (tests/dist.py)."""
 import shutil
 
@@ -26,9 +26,10 @@ def _args(data, tmp_path, name, iters, *extra):
                                   "--gemini-buffer-mb", "0.25", *extra)
 
 
-@pytest.mark.parametrize("interleave", ["on", "off"])
-def test_peer_recovery_on_gpu_continues_bit_for_bit(byte_corpus, tmp_path, interleave):
-    flags = ("--gemini-interleave", interleave, "--gemini-replication-interval", "1")
+@pytest.mark.parametrize("transport,interleave", [("nccl", "on"), ("nccl", "off"), ("gloo", "off")])
+def test_peer_recovery_on_gpu_continues_bit_for_bit(byte_corpus, tmp_path, transport, interleave):
+    flags = ("--gemini-interleave", interleave, "--gemini-replication-interval", "1",
+             "--gemini-transport", transport)
     ref_log, ref = _args(byte_corpus, tmp_path / "ref", "ref", 16, *flags)
     run_pretrain(tmp_path, ref, world_size=2, machines=MACHINES, backend=NCCL, timeout_s=180)
     reference = dict(read_losses(ref_log))

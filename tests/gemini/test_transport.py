@@ -15,7 +15,7 @@ import torch.distributed as dist
 from gemini_lm.gemini.replicator import Replicator, Route
 from gemini_lm.gemini.snapshot import SnapshotLayout
 from gemini_lm.gemini.store import MemoryStore
-from gemini_lm.gemini.transport import DirectTransport, StagedTransport, route_groups
+from gemini_lm.gemini.transport import DirectTransport, StagedTransport, connect_routes, route_groups
 from tests.dist import run_ranks
 
 NCCL = torch.cuda.is_available() and dist.is_nccl_available()
@@ -138,3 +138,19 @@ def _replicate_body(rank, world_size, device, root):
 def test_replicas_through_the_staged_transport_are_committed_intact(tmp_path, device):
     run_ranks(_replicate_body, 2, tmp_path, args=(device, str(tmp_path / "shm")), backend=_backend(device),
               timeout_s=30)
+
+
+def _connect_body(rank, world_size, device):
+    # A ring (0->1->2->0) plus a pair sending both ways (0<->1): every rank is a sender and a
+    # receiver on several routes at once, and the global order must still let all connect.
+    routes = [Route("a", 0, 1, "m0", "m1"), Route("b", 1, 2, "m1", "m2"), Route("c", 2, 0, "m2", "m0"),
+              Route("d", 1, 0, "m1", "m0")]
+    backend = "nccl" if device == "cuda" else "gloo"
+    groups = route_groups(routes, backend, timeout=None)
+    connect_routes(routes, groups, _device(device), SUB)
+    return True
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_connect_routes_opens_every_route_without_deadlock(tmp_path, device):
+    assert run_ranks(_connect_body, 3, tmp_path, args=(device,), backend=_backend(device), timeout_s=30) == [True] * 3
