@@ -232,6 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.iters = 16 if args.quick else 30
     if args.quick:
         args.rounds = 1
+    if args.transport == "nccl" and args.device != "cuda":
+        p.error("--transport nccl needs --device cuda")
     args.skip = args.profile_iters + 3
     if args.iters <= args.skip + 2:
         p.error(f"--iters must exceed --profile-iters + 5 (got {args.iters})")
@@ -253,10 +255,21 @@ def main() -> None:
     blocked: dict[str, list[float]] = {m: [] for m in METHODS}
     last: dict[str, dict] = {}
     loads = [os.getloadavg()[0]]
+    failed: dict[str, str] = {}   # method -> why; the other methods are still measured
     try:
         for rnd in range(args.rounds):
             for method in METHODS:
-                records = [r for r in run_once(method, args, work, f"{method}-{rnd}") if r["iteration"] > args.skip]
+                if method in failed:
+                    continue
+                try:
+                    records = [r for r in run_once(method, args, work, f"{method}-{rnd}")
+                               if r["iteration"] > args.skip]
+                except SystemExit as exc:
+                    if method == "none":
+                        raise   # nothing to compare with
+                    print(exc, file=sys.stderr, flush=True)
+                    failed[method] = str(exc).strip().splitlines()[-1]
+                    continue
                 per_round[method].append(statistics.median(r["last_iter_time_s"] for r in records))
                 cpu_round[method].append(statistics.median(r["cpu_s"] for r in records if "cpu_s" in r))
                 blocked[method] += [_blocked_s(r) for r in records]
@@ -272,33 +285,38 @@ def main() -> None:
     # A ratio compares runs of the same round (minutes apart); the median over rounds
     # discards a round that another process on the machine disturbed.
     med = statistics.median
-    ratio = {m: med(x / n for x, n in zip(per_round[m], per_round["none"])) for m in METHODS}
-    cpu_ratio = {m: med(x / n for x, n in zip(cpu_round[m], cpu_round["none"])) for m in METHODS}
-    secs = {m: med(per_round[m]) for m in METHODS}
-    cpu = {m: med(cpu_round[m]) for m in METHODS}
-    snap = last["interleaved"]
+    methods = [m for m in METHODS if m not in failed]
+    ratio = {m: med(x / n for x, n in zip(per_round[m], per_round["none"])) for m in methods}
+    cpu_ratio = {m: med(x / n for x, n in zip(cpu_round[m], cpu_round["none"])) for m in methods}
+    secs = {m: med(per_round[m]) for m in methods}
+    cpu = {m: med(cpu_round[m]) for m in methods}
+    snap = next((last[m] for m in ("interleaved", "blocking", "local") if m in last), {})
     print(f"\n{WORLD} ranks as {WORLD} machines on {args.device} (transport {args.transport}), TP={WORLD}, {args.num_layers} layers, hidden {args.hidden_size}, "
           f"seq {args.seq_length}, batch {args.global_batch_size} (micro {args.micro_batch_size}); snapshot "
-          f"{snap['gemini_snapshot_bytes'] / 2**20:.1f} MiB per rank, sent to the other machine every iteration; "
+          f"{snap.get('gemini_snapshot_bytes', 0) / 2**20:.1f} MiB per rank, sent to the other machine; "
           f"{args.rounds} round(s) x {args.iters - args.skip} iterations; cpus {os.cpu_count()}, "
           f"load average {min(loads):.2f}-{max(loads):.2f}")
     print(f"{'method':<12} {'s/it':>7} {'x none':>7} {'CPU s/it':>9} {'x none':>7} {'blocked s':>10}   "
           f"per-round s/it")
-    for m in METHODS:
+    for m, why in failed.items():
+        print(f"{m:<12} FAILED: {why}")
+    for m in methods:
         print(f"{m:<12} {secs[m]:>7.4f} {ratio[m]:>7.3f} {cpu[m]:>9.4f} {cpu_ratio[m]:>7.3f} "
               f"{med(blocked[m]):>10.4f}   " + " ".join(f"{x:.4f}" for x in per_round[m]))
     print("CPU s/it: CPU seconds of one rank's process per iteration, all threads (less sensitive to other "
           "load than wall time); blocked: time inside the checkpointer on the training thread (snapshot "
           "copy, waits, saves) - the rest of the overhead is background work competing for the same cores")
-    print(f"interleaving plan: every {snap.get('gemini_interleave_every')} iteration(s), "
-          f"{snap.get('gemini_interleave_leftover_bytes', 0) / 2**20:.2f} MiB left for before the update, "
-          f"predicted extra {snap.get('gemini_interleave_predicted_extra_s', 0) * 1e3:.1f} ms")
-    out = {f"ratio_{m}": ratio[m] for m in METHODS if m != "none"}
-    out.update({f"cpu_ratio_{m}": cpu_ratio[m] for m in METHODS if m != "none"})
-    out.update({f"{m}_s": secs[m] for m in METHODS})
-    out.update({f"{m}_cpu_s": cpu[m] for m in METHODS})
-    out.update({f"{m}_blocked_s": med(blocked[m]) for m in METHODS if m != "none"})
-    out.update({"per_round_s": per_round, "per_round_cpu_s": cpu_round, "snapshot_bytes": snap["gemini_snapshot_bytes"],
+    if snap:
+        print(f"interleaving plan: every {snap.get('gemini_interleave_every')} iteration(s), "
+              f"{snap.get('gemini_interleave_leftover_bytes', 0) / 2**20:.2f} MiB left for before the update, "
+              f"predicted extra {snap.get('gemini_interleave_predicted_extra_s', 0) * 1e3:.1f} ms")
+    out = {f"ratio_{m}": ratio[m] for m in methods if m != "none"}
+    out.update({f"cpu_ratio_{m}": cpu_ratio[m] for m in methods if m != "none"})
+    out.update({f"{m}_s": secs[m] for m in methods})
+    out.update({f"{m}_cpu_s": cpu[m] for m in methods})
+    out.update({f"{m}_blocked_s": med(blocked[m]) for m in methods if m != "none"})
+    out.update({"failed": failed, "per_round_s": per_round, "per_round_cpu_s": cpu_round,
+                "snapshot_bytes": snap.get("gemini_snapshot_bytes"),
                 "interleave_every": snap.get("gemini_interleave_every"),
                 "interleave_leftover_bytes": snap.get("gemini_interleave_leftover_bytes"),
                 "interleave_predicted_extra_s": snap.get("gemini_interleave_predicted_extra_s"),

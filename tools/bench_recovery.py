@@ -100,12 +100,16 @@ def measure(log_dir: str) -> dict:
     stall = statistics.median(stalls) if stalls else 0.0
     out = {"recovery_s": first["time"] - t_inj, "lost": reached - (first["iteration"] - 1),
            "stall_s": stall, "wasted_s": back["time"] - t_inj - iter_s + stall, "iter_s": iter_s}
-    rec = read_jsonl(os.path.join(log_dir, "recovery.jsonl"))
-    if rec:
-        out["source"] = rec[-1]["source"]
-        out.update({k: rec[-1].get(k) for k in PHASES})
+    # The recovery that followed this injection: a run can log another one after it (seen:
+    # workers restarted once more after training completed), so join on the injection.
+    records = read_jsonl(os.path.join(log_dir, "recovery.jsonl"))
+    joined = [r for r in records if r.get("injected_at") == t_inj] or records[-1:]
+    if joined:
+        out["source"] = joined[0]["source"]
+        out.update({k: joined[0].get(k) for k in PHASES})
     else:
-        out["source"] = "persistent"
+        out["source"] = "persistent"   # --no-gemini runs log no recovery record
+    out["recovery_records"] = len(records)
     return out
 
 
