@@ -43,6 +43,7 @@ import torch
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.checksum import checksum as compute_checksum
 from gemini_lm.gemini.checksum import verify as verify_checksum
+from gemini_lm.gemini.slot import Slot
 from gemini_lm.gemini.snapshot import read_tensors
 
 SLOT_NAMES = "abcdefgh"        # "a"/"b" in steady state, the rest only while readers pin slots
@@ -83,54 +84,6 @@ class WriteHandle:
     layout_hash: str
     buffer: torch.Tensor      # writable uint8 view of the mapped payload file
     done: bool = False
-
-
-def _clear_cuda_error() -> None:
-    """A failed runtime call leaves its error pending for this thread, and the next kernel
-    launch check would raise it: consume it with a launch whose check we expect to fail."""
-    try:
-        torch.empty(1, device="cuda").zero_()
-    except RuntimeError:
-        pass
-
-
-class _Slot:
-    """The writer's mapping of one payload file, kept between snapshots so a snapshot is one copy."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.size = -1
-        self.mm: mmap.mmap | None = None
-        self.buffer: torch.Tensor | None = None
-        self.pinned = False
-
-    def pin(self) -> bool:
-        """Page-lock the mapping for CUDA, so device-to-host snapshot copies run async at full
-        speed. False if the driver refuses (e.g. a store dir on a disk filesystem, not tmpfs)."""
-        err = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.size, 1))  # portable
-        if err != 0:
-            _clear_cuda_error()
-            return False
-        self.pinned = True
-        return True
-
-    def unmap(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
-            self.pinned = False
-        self.buffer = None
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:
-                pass   # a caller still holds a view; the mapping goes when that view does
-            self.mm = None
-        self.size = -1
-
-    def close(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)   # the mapping may keep the file description alive
-        self.unmap()
-        os.close(self.fd)
 
 
 class SnapshotView:
@@ -215,7 +168,7 @@ class MemoryStore:
         os.makedirs(root, mode=0o700, exist_ok=True)   # may be shared by users; below it is private
         for p in (os.path.join(root, job_id), self.path):
             _make_private_dir(p)
-        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._slots: dict[tuple[str, str], Slot] = {}
         self._writing: dict[str, WriteHandle] = {}
         self._lock = threading.RLock()   # writer bookkeeping; commits may come from another thread
 
@@ -270,26 +223,16 @@ class MemoryStore:
         return [dict(r.to_dict(), machine_id=self.machine_id) for r in self.records()]
 
     # ---- writing --------------------------------------------------------------------
-    def _slot(self, shard: str, slot: str) -> _Slot:
+    def _slot(self, shard: str, slot: str) -> Slot:
         s = self._slots.get((shard, slot))
         if s is None:
             fd = os.open(self._payload_path(shard, slot), os.O_RDWR | os.O_CREAT, 0o600)
             os.fchmod(fd, 0o600)
-            s = self._slots[(shard, slot)] = _Slot(fd)
+            s = self._slots[(shard, slot)] = Slot(fd)
         return s
 
-    def _map(self, s: _Slot, nbytes: int, pin: bool = True) -> None:
-        """Size and map an uncommitted slot, faulting its pages in now rather than mid-snapshot."""
-        if s.mm is not None and s.size == nbytes:
-            return
-        s.unmap()
-        os.ftruncate(s.fd, nbytes)
-        os.posix_fallocate(s.fd, 0, nbytes)   # out of memory shows here as ENOSPC, not SIGBUS mid-copy
-        s.mm = mmap.mmap(s.fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        s.buffer = torch.frombuffer(s.mm, dtype=torch.uint8)
-        s.buffer[::mmap.PAGESIZE].zero_()     # one write per page; the slot holds no committed data
-        s.size = nbytes
-        if self.pin_memory and pin and not s.pin() and not self._warned_pin:
+    def _map(self, s: Slot, nbytes: int, pin: bool = True) -> None:
+        if not s.map(nbytes, pin=self.pin_memory and pin) and not self._warned_pin:
             self._warned_pin = True
             print(f"WARNING: GEMINI could not page-lock its slots in {self.root} (a tmpfs such as /dev/shm "
                   "can be): snapshots copy off the GPU synchronously", flush=True)
@@ -361,7 +304,7 @@ class MemoryStore:
             if not w.done and self._writing.get(w.shard) is w:
                 self._finish(w, self._slots[(w.shard, w.slot)])
 
-    def _finish(self, w: WriteHandle, s: _Slot) -> None:
+    def _finish(self, w: WriteHandle, s: Slot) -> None:
         fcntl.flock(s.fd, fcntl.LOCK_UN)
         w.done = True
         del self._writing[w.shard]

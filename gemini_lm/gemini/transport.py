@@ -12,9 +12,9 @@ interleaving plan.
   The sender copies host -> sub-buffer on its copy stream and sends from there; the
   receiver receives into one sub-buffer while the previous one drains device -> host on
   a second stream, into pinned host sub-buffers the CPU copies into the store (the
-  pipelining). Each route has its own NCCL
-  communicator, so two machines replicating to each other never queue a send behind
-  a receive on one NCCL stream. On CPU the same code runs over gloo with host
+  pipelining). Each route has its own NCCL communicator, connected before training
+  (connect_routes), so two machines replicating to each other never queue a send
+  behind a receive on one NCCL stream. On CPU the same code runs over gloo with host
   sub-buffers (no streams); the tests use that to check the chunk bookkeeping.
 
 Both return per-chunk timings (bytes, seconds the link was busy with it) for the
