@@ -61,7 +61,10 @@ class TrafficScheduler:
 
     # ---- measurements from the replicator ---------------------------------------------
     def observe(self, header_s: float, chunks: list[tuple[int, float]]) -> None:
-        """One snapshot's send timings: the small header ≈ α; big chunks give B."""
+        """One snapshot's send timings: the small header ≈ α; big chunks give B. Only
+        the plan uses them: once it exists, nothing more is kept (a run can be long)."""
+        if self.plan is not None or not self.interleave:
+            return
         self.alpha_samples.append(header_s)
         for nbytes, secs in chunks:
             if secs > header_s and nbytes >= 4096:

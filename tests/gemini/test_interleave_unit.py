@@ -79,6 +79,18 @@ def test_alpha_and_bandwidth_from_observed_sends():
     assert len(ts.bandwidth_samples) == 3           # the 100-byte chunk says nothing about B
 
 
+def test_measurements_stop_once_planned_or_unused():
+    ts = _measured(_scheduler())
+    ts.maybe_plan({"m1": 8 * 10**6})
+    assert ts.plan is not None
+    kept = (len(ts.alpha_samples), len(ts.bandwidth_samples))
+    for _ in range(100):                               # every later snapshot of a long run
+        ts.observe(ALPHA, [(MIB, ALPHA + MIB / BANDWIDTH)] * 4)
+    assert (len(ts.alpha_samples), len(ts.bandwidth_samples)) == kept
+    off = _measured(_scheduler("off"))                 # the blocking baseline never plans
+    assert off.alpha_samples == [] and off.bandwidth_samples == []
+
+
 # ---- chunks before a plan exists ----------------------------------------------------------
 def test_eager_chunks_before_a_plan():
     ts = _scheduler()
