@@ -67,6 +67,7 @@ def _corrupt_copy(src_prefix: str, dst_prefix: str, truncate: str | None = None,
     (["--split", "0,1,0"], "leaves nothing to train on"),
     (["--log-dir", os.devnull + "/log"], "--log-dir"),
     (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory"),
+    (["--device", "cpu", "--gemini-transport", "nccl"], "--gemini-transport nccl needs --device cuda"),
 ])
 def test_bad_flags(run, flags, message):
     assert_usage_error(*run(*flags), message)

@@ -58,6 +58,7 @@ class Checkpointer:
         g = cfg.gemini
         self.interval = g.gemini_interval
         self.machine = machine_id()
+        self.transport = resolve_transport(g.gemini_transport, ps.device)   # bad input: before any side effect
         # On CUDA the slots are page-locked, so the snapshot is an async DMA from the GPU.
         self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine,
                                  pin_memory=ps.device.type == "cuda")
@@ -80,7 +81,6 @@ class Checkpointer:
         # for the payload (see transport.py).
         timeout = collective_timeout(cfg)
         self.repl_group = dist.new_group(backend="gloo", timeout=timeout) if self.routes else None
-        self.transport = resolve_transport(g.gemini_transport, ps.device)
         self._route_groups = {}
         if self.routes and self.transport == "nccl":
             self._route_groups = route_groups(self.routes, "nccl", timeout)

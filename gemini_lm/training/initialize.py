@@ -43,6 +43,8 @@ def initialize_distributed(cfg: Config) -> ParallelState:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise UsageError("--distributed-backend nccl needs --device cuda")
+    if cfg.gemini.gemini_transport == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
+        raise UsageError("--gemini-transport nccl needs --device cuda and a torch built with NCCL")
     timeout = collective_timeout(cfg)
     if backend == "nccl":
         # Host tensors (recovery's inventory and peer fetches, input checks) go over gloo on
