@@ -96,6 +96,19 @@ def test_unwritable_save(run, tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
+def test_damaged_checkpoint_under_load_leaves_no_store(run, tmp_path):
+    save = tmp_path / "ckpt"
+    result, outputs = run("--save", str(save), "--no-gemini")
+    assert result.returncode == 0, result.stderr
+    (save / "iter_0000002" / "manifest.json").write_text("{}")
+    shutil.rmtree(outputs["log"])
+    result, outputs = run("--load", str(save))
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "manifest" in lines[0]
+    assert not outputs["shm"].exists() or not any(outputs["shm"].rglob("*")), "an empty GEMINI store was left"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

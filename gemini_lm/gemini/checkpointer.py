@@ -110,7 +110,12 @@ class Checkpointer:
 
     # ---- start-up ---------------------------------------------------------------------
     def restore(self) -> None:
-        result = restore_state(self, self.cfg.checkpoint.load)
+        try:
+            result = restore_state(self, self.cfg.checkpoint.load)
+        except UsageError:
+            if self.is_leader and not self.store.records():
+                self.store.wipe()   # it holds nothing: bad input leaves no empty store behind
+            raise
         if self.ps.rank == 0:
             if result.record is not None:
                 self.logger.log_recovery(result.record)
