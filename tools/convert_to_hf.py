@@ -4,7 +4,7 @@ Export a persisted checkpoint (any TP size) to a directory that AutoModelForCaus
 (GPT) or BertForPreTraining (BERT) and AutoTokenizer load from disk:
 
     python tools/convert_to_hf.py --load CKPT_DIR --out HF_DIR \
-        [--tokenizer-type ... --tokenizer-model ...]    # default: the bundled corpus's tokenizer
+        [--tokenizer-type ... --tokenizer-model ...]    # default: the one the checkpoint records
 
 Import a local Hugging Face GPT-2 or BERT directory (model.safetensors) as an iteration-0
 checkpoint at a chosen TP size, to continue training with `pretrain_gpt.py --load CKPT_DIR`
@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from gemini_lm.errors import UsageError, run_cli  # noqa: E402
 from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,  # noqa: E402
-                                            is_bert, read_full_model_state, single_process_state)
+                                            is_bert, read_full_model_state, recorded_tokenizer,
+                                            single_process_state)
 from gemini_lm.models import hf_bert, hf_gpt2  # noqa: E402
 
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(argv)
     if args.load:
         tokenizer = build_tool_tokenizer(args.tokenizer_type, args.tokenizer_model,
-                                         args.vocab_file, args.merge_file)
+                                         args.vocab_file, args.merge_file,
+                                         recorded_tokenizer(args.load, args.iteration))
         print(export_to_hf(args.load, args.out, tokenizer, args.iteration))
     else:
         print(import_from_hf(args.from_hf, args.save, args.tensor_model_parallel_size, rest,

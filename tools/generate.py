@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 2 tools/generate.py --load CKPT --tensor-model-parallel-size 2 ...
 
 Prints the prompt followed by the generated text. The checkpoint may have any TP size.
-Pass the tokenizer it was trained with (--tokenizer-type ...; default: the bundled one).
+The tokenizer is the one the checkpoint records (trained here), else pass it
+(--tokenizer-type ...); without either, the bundled one.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch.distributed as dist  # noqa: E402
 from gemini_lm.config import parse_config  # noqa: E402
 from gemini_lm.errors import UsageError, run_cli  # noqa: E402
 from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,  # noqa: E402
-                                            fit_vocab_to_tp, is_bert, read_full_model_state)
+                                            fit_vocab_to_tp, is_bert, read_full_model_state,
+                                            recorded_tokenizer)
 from gemini_lm.inference.generation import SamplingParams, generate  # noqa: E402
 from gemini_lm.models.gpt import GPTModel  # noqa: E402
 from gemini_lm.models.hf_gpt2 import load_full_state_dict  # noqa: E402
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra["max_new_tokens"] < 0:
         raise UsageError("--max-new-tokens must be >= 0")
     params = sampling_params(extra)
-    tokenizer = build_tool_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file)
+    tokenizer = build_tool_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file,
+                                     recorded_tokenizer(cfg.checkpoint.load, extra["iteration"]))
     full, config, _ = read_full_model_state(cfg.checkpoint.load, extra["iteration"])
     if is_bert(config):
         raise UsageError(f"{cfg.checkpoint.load} holds a BERT model; generation needs a GPT checkpoint")

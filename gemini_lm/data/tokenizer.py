@@ -159,6 +159,16 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         super().__init__(hf_tokenizer=tok)
 
 
+def tokenizer_spec(tokenizer_type: str, tokenizer_model: str | None = None,
+                   vocab_file: str | None = None, merge_file: str | None = None) -> dict:
+    """What build_tokenizer needs, with absolute paths: checkpoints record it, so tools
+    that load them (generate, convert_to_hf) rebuild the same tokenizer without flags."""
+    def absolute(path):
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+    return {"tokenizer_type": tokenizer_type, "tokenizer_model": absolute(tokenizer_model),
+            "vocab_file": absolute(vocab_file), "merge_file": absolute(merge_file)}
+
+
 def build_tokenizer(tokenizer_type: str, *, tokenizer_model: str | None = None,
                     vocab_file: str | None = None, merge_file: str | None = None) -> Tokenizer:
     if tokenizer_type == "SentencePieceTokenizer":

@@ -93,7 +93,7 @@ class Checkpointer:
             check_writable(save)
         if save and self.is_writer and ps.dp_rank == 0:
             self.persister = Persister(self.store, save, ps.tp_rank, ps.tp_size, finalizer=ps.rank == 0,
-                                       keep=cfg.checkpoint.save_keep, metadata=state.metadata,
+                                       keep=cfg.checkpoint.save_keep, manifest=state.manifest,
                                        log=print)
         self._stats: dict = {}
         self.last_record = None

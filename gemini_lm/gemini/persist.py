@@ -26,9 +26,10 @@ from gemini_lm.training.checkpointing import finalize_checkpoint, iter_dir_name,
 
 class Persister:
     def __init__(self, store, save_dir: str, tp_rank: int, tp_size: int, *, finalizer: bool,
-                 keep: int | None, metadata: dict, log=print, finalize_timeout_s: float = 600.0):
+                 keep: int | None, manifest: dict, log=print, finalize_timeout_s: float = 600.0):
+        """`manifest`: what the finalizer's manifest.json records beside the shards (TrainState.manifest)."""
         self.store, self.save_dir, self.tp_rank, self.tp_size = store, save_dir, tp_rank, tp_size
-        self.finalizer, self.keep, self.metadata, self.log = finalizer, keep, metadata, log
+        self.finalizer, self.keep, self.manifest, self.log = finalizer, keep, manifest, log
         self.finalize_timeout_s = finalize_timeout_s
         self.skipped = 0
         self.last_persist_s: float | None = None
@@ -88,8 +89,7 @@ class Persister:
         for r, p in enumerate(sides):
             shards[f"tp{r:02d}"] = json.load(open(p))
             os.remove(p)
-        finalize_checkpoint(self.save_dir, iteration, self.tp_size, shards,
-                            {"metadata": self.metadata}, self.keep)
+        finalize_checkpoint(self.save_dir, iteration, self.tp_size, shards, self.manifest, self.keep)
 
     def wait(self) -> None:
         self._jobs.join()

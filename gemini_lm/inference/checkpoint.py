@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import torch
 from torch import nn
@@ -102,12 +103,33 @@ def fit_vocab_to_tp(full: dict[str, torch.Tensor], config: TransformerConfig, tp
     return full, dataclasses.replace(config, vocab_size=vocab, orig_vocab_size=orig)
 
 
+def recorded_tokenizer(load_dir: str, iteration: int | None = None) -> dict | None:
+    """The tokenizer spec (data.tokenizer.tokenizer_spec) the checkpoint's manifest records,
+    if any (checkpoints written before it was recorded have none)."""
+    if iteration is None:
+        iteration = latest_iteration(load_dir)
+        if iteration is None:
+            return None
+    spec = read_manifest(load_dir, iteration).get("tokenizer")
+    return spec if isinstance(spec, dict) and spec.get("tokenizer_type") else None
+
+
 def build_tool_tokenizer(tokenizer_type: str | None, tokenizer_model: str | None = None,
-                         vocab_file: str | None = None, merge_file: str | None = None):
-    """The tokenizer a checkpoint was trained with: as flagged, or (no --tokenizer-type)
-    the bundled sample corpus's, which pretraining uses without --data-path."""
+                         vocab_file: str | None = None, merge_file: str | None = None,
+                         recorded: dict | None = None):
+    """The tokenizer a checkpoint was trained with: as flagged; else (no --tokenizer-type)
+    the one the checkpoint records; else the bundled sample corpus's, which pretraining
+    uses without --data-path."""
     from gemini_lm.data.tokenizer import build_tokenizer
 
+    if tokenizer_type is None and recorded is not None:
+        missing = [p for p in (recorded.get("tokenizer_model"), recorded.get("vocab_file"),
+                               recorded.get("merge_file")) if p and os.path.isabs(p) and not os.path.exists(p)]
+        if missing:
+            raise UsageError(f"the checkpoint was trained with a {recorded['tokenizer_type']} from {missing[0]}, "
+                             "which is gone; pass the tokenizer (--tokenizer-type ...)")
+        return build_tokenizer(recorded["tokenizer_type"], tokenizer_model=recorded.get("tokenizer_model"),
+                               vocab_file=recorded.get("vocab_file"), merge_file=recorded.get("merge_file"))
     if tokenizer_type is None:
         from gemini_lm.data.sample_corpus import ensure_default_corpus
 

@@ -131,8 +131,9 @@ def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int) -> tup
 
 
 def save_checkpoint(save_dir: str, iteration: int, tensors: dict[str, torch.Tensor],
-                    metadata: dict[str, str], ps, keep: int | None = None) -> None:
-    """Blocking collective save of every rank's state (the path used without GEMINI)."""
+                    metadata: dict[str, str], ps, keep: int | None = None, manifest: dict | None = None) -> None:
+    """Blocking collective save of every rank's state (the path used without GEMINI).
+    `manifest`: what manifest.json records beside the shards (default: the metadata)."""
     partial = os.path.join(save_dir, iter_dir_name(iteration) + ".partial")
     entry = None
     if ps.dp_rank == 0:
@@ -144,7 +145,7 @@ def save_checkpoint(save_dir: str, iteration: int, tensors: dict[str, torch.Tens
     dist.all_gather_object(entries, entry)
     if ps.rank == 0:
         shards = {f"tp{r:02d}": e for r, e in (x for x in entries if x is not None)}
-        finalize_checkpoint(save_dir, iteration, ps.tp_size, shards, {"metadata": metadata}, keep)
+        finalize_checkpoint(save_dir, iteration, ps.tp_size, shards, manifest or {"metadata": metadata}, keep)
     dist.barrier()
 
 
@@ -190,7 +191,7 @@ class PersistentCheckpointer:
     def save(self, iteration: int) -> None:
         t0 = time.perf_counter()
         save_checkpoint(self.cfg.save, iteration, self.state.tensors(), self.state.metadata,
-                        self.ps, keep=self.cfg.save_keep)
+                        self.ps, keep=self.cfg.save_keep, manifest=self.state.manifest)
         self.last_save_s = time.perf_counter() - t0
 
     def stats(self) -> dict:

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from gemini_lm.config import Config
+from gemini_lm.data.tokenizer import tokenizer_spec
 from gemini_lm.models.config import TransformerConfig
 from gemini_lm.parallel.data_parallel import DistributedDataParallel
 from gemini_lm.parallel.random import RNGStatesTracker
@@ -58,5 +59,8 @@ def build_training_setup(cfg: Config, tcfg: TransformerConfig, model_provider: C
                                         lr_decay_iters=t.lr_decay_iters,
                                         lr_decay_style=t.lr_decay_style)
     progress = TrainProgress()
-    state = TrainState(model, optimizer, scheduler, tracker, ps, progress, model_config_dict(tcfg))
+    d = cfg.data
+    tokenizer = tokenizer_spec(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file) \
+        if d.tokenizer_type else None
+    state = TrainState(model, optimizer, scheduler, tracker, ps, progress, model_config_dict(tcfg), tokenizer)
     return TrainingSetup(model, tcfg, ddp, optimizer, scheduler, progress, state)

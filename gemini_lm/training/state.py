@@ -26,7 +26,7 @@ class TrainProgress:
 
 class TrainState:
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, tracker, ps,
-                 progress: TrainProgress, model_config: dict):
+                 progress: TrainProgress, model_config: dict, tokenizer: dict | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.tracker, self.ps, self.progress = tracker, ps, progress
         self._params = {f"model/{n}": p for n, p in model.named_parameters()}
@@ -37,6 +37,10 @@ class TrainState:
             "tp_size": str(ps.tp_size),
             "model_config": json.dumps(model_config, sort_keys=True),
         }
+        # What a persisted checkpoint's manifest records beside its shards. The tokenizer
+        # (data.tokenizer.tokenizer_spec) lives only there: its paths must not enter the
+        # snapshot layout, whose hash recovery matches on.
+        self.manifest = {"metadata": self.metadata, **({"tokenizer": tokenizer} if tokenizer else {})}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

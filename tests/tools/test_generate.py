@@ -57,6 +57,21 @@ def test_cli_greedy_equals_hf_generate(trained):
     assert ours.startswith(PROMPT) and len(ours) > len(PROMPT) + 1
 
 
+def test_cli_uses_the_tokenizer_the_checkpoint_records(trained):
+    ckpt, expected = trained   # trained with ByteLevelTokenizer; no tokenizer flags now
+    ours = _tool("generate.py", "--load", ckpt, "--prompt", PROMPT, "--max-new-tokens", "20", "--greedy",
+                 "--no-stop-at-eod")
+    assert ours == expected + "\n"
+
+
+def test_a_recorded_tokenizer_whose_file_is_gone_is_a_usage_error():
+    from gemini_lm.inference.checkpoint import build_tool_tokenizer
+
+    gone = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "/nonexistent/tok.model"}
+    with pytest.raises(UsageError, match="/nonexistent/tok.model, which is gone"):
+        build_tool_tokenizer(None, recorded=gone)
+
+
 def _generate_body(rank, world_size, ckpt):
     import contextlib
     import io
