@@ -26,6 +26,7 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 
+from gemini_lm.data.tokenizer import tokenizer_spec  # noqa: E402
 from gemini_lm.errors import UsageError, run_cli  # noqa: E402
 from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,  # noqa: E402
                                             is_bert, read_full_model_state, recorded_tokenizer,
@@ -178,7 +179,10 @@ def import_from_hf(hf_dir: str, save: str, tp_size: int, extra_flags: list[str],
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
         layout.write(tensors, buf)
         shards[f"tp{tp_rank:02d}"] = write_shard_file(partial, tp_rank, memoryview(buf.numpy()))
-    finalize_checkpoint(save, 0, tp_size, shards, {"metadata": metadata}, keep=None)
+    manifest = {"metadata": metadata}
+    if any(os.path.exists(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        manifest["tokenizer"] = tokenizer_spec("HuggingFaceTokenizer", hf_dir)   # tools find it by themselves
+    finalize_checkpoint(save, 0, tp_size, shards, manifest, keep=None)
     entry = "pretrain_bert.py" if hf_cfg.model_type == "bert" else "pretrain_gpt.py"
     return (f"imported {hf_dir} as {save} iteration 0 at TP={tp_size}; continue with:\n  {entry} --load {save} "
             + " ".join(flags + extra_flags) + " --tokenizer-type HuggingFaceTokenizer --tokenizer-model "
