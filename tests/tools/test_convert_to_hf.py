@@ -64,6 +64,19 @@ TEXTS = ["Hello world!  Two  spaces.\nNew line\n\n    indented", "naïve café �
          "def f(x):\n    return x ** 2  # squared", "The quick brown fox jumps over the lazy dog. 12345"]
 
 
+def test_an_imported_checkpoint_records_the_hf_tokenizer(tmp_path):
+    from gemini_lm.inference.checkpoint import build_tool_tokenizer, recorded_tokenizer
+
+    test_gpt_hf.make_hf().save_pretrained(tmp_path / "in")   # vocab 256 + padding: byte tokens fit
+    save_hf_tokenizer(ByteLevelTokenizer(), str(tmp_path / "in"))
+    ckpt = str(tmp_path / "ck")
+    convert_to_hf.main(["--from-hf", str(tmp_path / "in"), "--save", ckpt])
+    spec = recorded_tokenizer(ckpt)
+    assert spec["tokenizer_type"] == "HuggingFaceTokenizer" and spec["tokenizer_model"] == str(tmp_path / "in")
+    tok = build_tool_tokenizer(None, recorded=spec)
+    assert tok.tokenize("hello") == ByteLevelTokenizer().tokenize("hello")
+
+
 def test_exported_tokenizers_load_offline_with_our_ids(tmp_path):
     model = train_sentencepiece([t * 3 for t in TEXTS] + ["some more words for merges"] * 5,
                                 str(tmp_path / "sp"), vocab_size=400)
