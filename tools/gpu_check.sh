@@ -12,10 +12,10 @@ PY=${PY:-python3}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   df -h /dev/shm /tmp | tail -n 2
 } 2>&1 | tee "$OUT/env.txt"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/gemini/test_transport.py tests/gemini/test_snapshot.py \
+timeout 330 $PY -m pytest -q -p no:cacheprovider tests/gemini/test_transport.py tests/gemini/test_snapshot.py \
   tests/gemini/test_store.py tests/gemini/test_cuda.py tests/gemini/test_sigkill_restart.py 2>&1 | tee "$OUT/tests.txt"
 for transport in nccl gloo; do
-  timeout 200 $PY tools/bench_overhead.py --device cuda --transport $transport --quick --timeout 80 \
+  timeout 180 $PY tools/bench_overhead.py --device cuda --transport $transport --quick --timeout 80 \
     --num-layers 6 --hidden-size 768 --num-attention-heads 12 --seq-length 512 --micro-batch-size 4 \
     --global-batch-size 8 2>&1 | tee "$OUT/bench_overhead_cuda_$transport.txt"
 done
