@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gemini_lm.errors import UsageError
+from gemini_lm.errors import UsageArgumentParser, UsageError
 
 
 def _f(default, help: str, **kw):
@@ -139,13 +139,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage + error and exits 2; we print one line and exit 2."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -164,7 +157,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def build_parser(extra_args_provider: Callable | None = None, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description="gemini_lm pretraining",
+    parser = UsageArgumentParser(prog=prog, description="gemini_lm pretraining",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for cls in SECTIONS.values():
         _add_dataclass_args(parser, cls)

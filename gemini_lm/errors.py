@@ -5,6 +5,7 @@ failure was detected and the worker wants its agent (torchrun) to restart it.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -16,6 +17,13 @@ EXIT_RESTART = 75   # EX_TEMPFAIL: "failure detected, restart me"
 
 class UsageError(Exception):
     """Bad user input: the CLI prints the message and exits 2."""
+
+
+class UsageArgumentParser(argparse.ArgumentParser):
+    """argparse prints usage + error and exits 2; under run_cli this prints one line and exits 2."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def run_cli(main: Callable[[], int | None], hard_exit: bool = False) -> None:

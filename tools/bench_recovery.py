@@ -22,7 +22,6 @@ one JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,16 +33,11 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageError, run_cli  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, run_cli  # noqa: E402
 from gemini_lm.resilience.events import read_jsonl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("detect_s", "restart_s", "rendezvous_s", "setup_s", "retrieval_s", "first_iteration_s")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 def tiny_corpus(work: str) -> str:
@@ -127,7 +121,7 @@ def save_interval_the_disk_allows(args, work: str) -> tuple[int, float, float]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = UsageArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--machines", type=int, default=2)
     p.add_argument("--inject-at", type=int, default=12, help="GEMINI runs: inject at this iteration")
     p.add_argument("--rare-factor", type=int, default=10, help="rare baseline: interval = factor x frequent")

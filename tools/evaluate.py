@@ -20,7 +20,6 @@ report prints. --smoke shrinks every run to seconds (for tests; its numbers mean
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, TOOLS)   # the other tools are imported as modules (their functions, not their CLIs)
 
-from gemini_lm.errors import UsageError, run_cli  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
 
 TITLES = {1: "Iteration time", 2: "Checkpoint time", 3: "Wasted time per failure",
           4: "Recovery time by phase", 5: "Recovery probability", 6: "Large clusters (simulated)"}
@@ -393,11 +392,6 @@ def write_report(out: str, results: dict, meta: dict) -> str:
     return path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def parse_sections(text: str) -> list[int]:
     try:
         nums = sorted({int(s) for s in text.split(",") if s.strip()})
@@ -409,7 +403,7 @@ def parse_sections(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = UsageArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for report.md, results.json and the PNGs")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few minutes on 2 cores")

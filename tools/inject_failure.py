@@ -16,25 +16,19 @@ is appended to <log-dir>/injections.jsonl; its JSON is printed as the last line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageError, run_cli  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
 from gemini_lm.resilience.breakpoints import WINDOWS  # noqa: E402
 from gemini_lm.resilience.injection import KINDS, Injection, inject  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = UsageArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--log-dir", required=True, help="the cluster's --log-dir (holds cluster.json)")
     p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--target", type=int, required=True, help="global rank (worker/hang/sigterm) or machine slot")

@@ -34,23 +34,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageError, run_cli  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
 from gemini_lm.resilience import procs  # noqa: E402
 from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" not in argv:
         raise UsageError("usage: local_cluster.py [options] -- SCRIPT.py [training flags incl. --log-dir]")
     split = argv.index("--")
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = UsageArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--machines", type=int, default=2, help="machines (torchrun agents)")
     p.add_argument("--procs-per-machine", type=int, default=1, help="workers per machine")
     p.add_argument("--spares", type=int, default=0, help="replacements available at once")

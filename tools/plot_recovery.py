@@ -11,13 +11,12 @@ recovery.jsonl, but their repeated iterations still show). Prints one summary li
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageError, run_cli  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
 from gemini_lm.resilience.events import FAILURES, INJECTIONS, read_jsonl  # noqa: E402
 
 # (phase, record key where it ends, colour); each phase starts where the previous ended.
@@ -123,13 +122,8 @@ def plot_run(log_dir: str, out: str, title: str | None = None) -> dict:
             "recoveries": len(run["recoveries"])}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = UsageArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--log-dir", required=True, help="a run's --log-dir (metrics.jsonl, recovery.jsonl, ...)")
     p.add_argument("--out", default=None, help="PNG to write (default <log-dir>/recovery.png)")
     p.add_argument("--title", default=None)

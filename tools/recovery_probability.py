@@ -14,18 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageError  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError  # noqa: E402
 from gemini_lm.gemini.placement import resolve_strategy  # noqa: E402
 from gemini_lm.gemini.probability import monte_carlo_probability, recovery_probability  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints usage + error)
-        raise UsageError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = UsageArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--machines", type=int, required=True, help="N, machines (failure domains)")
     p.add_argument("--replicas", type=int, required=True, help="m, copies of each checkpoint (own + peers)")
     p.add_argument("--failures", type=int, required=True, help="k, machines failing at once")
