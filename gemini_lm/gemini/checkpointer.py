@@ -37,17 +37,6 @@ from gemini_lm.training.checkpointing import check_writable
 from gemini_lm.training.initialize import collective_timeout
 
 
-def resolve_transport(choice: str, device) -> str:
-    """--gemini-transport: "nccl" needs the state on a GPU. auto is gloo for now: the NCCL
-    path passed its GPU tests but stalled in a GPU benchmark before connect_routes existed,
-    and that fix has not run on a GPU yet (see the README)."""
-    if choice == "auto":
-        return "gloo"
-    if choice == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
-        raise UsageError("--gemini-transport nccl needs --device cuda and a torch built with NCCL")
-    return choice
-
-
 def machine_id() -> str:
     return os.environ.get("GEMINI_MACHINE_ID") or socket.gethostname()
 
@@ -58,7 +47,10 @@ class Checkpointer:
         g = cfg.gemini
         self.interval = g.gemini_interval
         self.machine = machine_id()
-        self.transport = resolve_transport(g.gemini_transport, ps.device)   # bad input: before any side effect
+        # auto is gloo for now: the NCCL path passed its GPU tests but stalled in a GPU
+        # benchmark before connect_routes existed, and that fix has not run on a GPU yet
+        # (see the README). nccl without CUDA was refused with the other input checks.
+        self.transport = "gloo" if g.gemini_transport == "auto" else g.gemini_transport
         # On CUDA the slots are page-locked, so the snapshot is an async DMA from the GPU.
         self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine,
                                  pin_memory=ps.device.type == "cuda")
@@ -79,13 +71,13 @@ class Checkpointer:
         # Checkpoint traffic gets process groups of its own (collective: every rank creates
         # them): gloo for the protocol's small messages, and on GPU one NCCL group per route
         # for the payload (see transport.py).
+        self.traffic = TrafficScheduler(g, ps.timeline, log=logger.console)
         timeout = collective_timeout(cfg)
         self.repl_group = dist.new_group(backend="gloo", timeout=timeout) if self.routes else None
         self._route_groups = {}
         if self.routes and self.transport == "nccl":
             self._route_groups = route_groups(self.routes, "nccl", timeout)
-            connect_routes(self.routes, self._route_groups, ps.device,
-                           max(1, int(g.gemini_buffer_mb * 2**20) // g.gemini_sub_buffers))
+            connect_routes(self.routes, self._route_groups, ps.device, self.traffic.chunk_bytes)
         self.replicator: Replicator | None = None
         self.persister: Persister | None = None
         save = cfg.checkpoint.save
@@ -99,7 +91,6 @@ class Checkpointer:
         self.last_record = None
         self._pending = None
         self.window_hook = None
-        self.traffic = TrafficScheduler(g, ps.timeline, log=logger.console)
         self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in self.routes if r.src_rank == ps.rank}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemini-commit")
         # On CUDA the snapshot's device-to-host copies run on a side stream while the next
