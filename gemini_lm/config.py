@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -60,6 +61,7 @@ class TrainingConfig:
     adam_beta2: float = _f(0.95, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     clip_grad: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    log_num_zeros_in_grad: bool = _f(False, "log the number of zero gradient entries")
     bf16: bool = _f(False, "bf16 params with fp32 master weights")
     fp16: bool = _f(False, "fp16 params, fp32 masters, dynamic loss scaling")
     loss_scale: float | None = _f(None, "static loss scale for fp16 (default dynamic)")
@@ -139,19 +141,26 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _flag_type(annotation) -> type:
+    """`int`, `float`, `str` or `bool` from a field's annotation (`X | None` gives X)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     group = parser.add_argument_group(cls.__name__)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
+        kind = _flag_type(hints[f.name])
+        if kind is bool:
             if f.default:
                 group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
                                    action="store_false", help=help_ + " (on by default)")
             else:
                 group.add_argument(flag, dest=f.name, action="store_true", help=help_)
             continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
         group.add_argument(flag, dest=f.name, type=kind, default=f.default,
                            choices=f.metadata.get("choices"), help=help_)
 

@@ -19,6 +19,23 @@ class UsageError(Exception):
     """Bad user input: the CLI prints the message and exits 2."""
 
 
+class PeerFailure(RuntimeError):
+    """Another process or the network failed; recovering (not debugging) fixes it.
+
+    Raised where a failure is detected — a torch.distributed call that failed
+    (parallel/comm.py), a replication stream that broke, the hang watchdog — and
+    classified by type alone: never by the text of an exception message.
+    """
+
+
+class PeerLostError(PeerFailure):
+    """A collective or point-to-point operation failed: a peer died or its connection broke."""
+
+
+class ReplicationError(PeerFailure):
+    """A checkpoint stream to or from a peer machine broke."""
+
+
 class UsageArgumentParser(argparse.ArgumentParser):
     """argparse prints usage + error and exits 2; under run_cli this prints one line and exits 2."""
 

@@ -1,13 +1,9 @@
 import os
-import sys
 
 import pytest
 
-# Tests import the package from the checkout and spawn ranks that do the same.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+# The package comes from the editable install (requirements.txt); pytest.ini puts the
+# checkout (pretrain_*.py, tests) and tools/ on the path of this process.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -18,6 +18,8 @@ import pytest
 from tests.dist import run_ranks
 from tests.e2e import ROOT
 
+pytestmark = pytest.mark.slow   # spawns processes
+
 ENTRY = os.path.join(ROOT, "pretrain_gpt.py")
 TINY = ["--tokenizer-type", "ByteLevelTokenizer", "--num-layers", "1", "--hidden-size", "32",
         "--num-attention-heads", "2", "--seq-length", "16", "--train-iters", "2"]

@@ -15,28 +15,25 @@ a ~100M-parameter one) it times, per checkpoint:
 
 Prints a table, then one JSON line (numbers for the larger state at the top level).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
-from gemini_lm.gemini.checksum import checksum  # noqa: E402
-from gemini_lm.gemini.snapshot import SnapshotLayout  # noqa: E402
-from gemini_lm.gemini.store import MemoryStore  # noqa: E402
+from gemini_lm.checkpoint.checksum import checksum
+from gemini_lm.checkpoint.snapshot import SnapshotLayout
+from gemini_lm.gemini.store import MemoryStore
 
 
 def gpt_state(vocab: int, hidden: int, layers: int, seq: int) -> dict[str, torch.Tensor]:

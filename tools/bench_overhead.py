@@ -35,21 +35,20 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
 
 METHODS = ("none", "local", "interleaved", "blocking", "torch_save", "async_save")
 WORLD = 2
@@ -69,7 +68,7 @@ class BaselineCheckpointer:
         self.blocking_s: float | None = None
 
     def restore(self) -> None:
-        pass
+        return None   # measured from iteration 0: nothing to load, no recovery record
 
     def before_update(self) -> None:
         pass   # torch.save copies synchronously; DCP's async_save stages to CPU before returning
@@ -85,7 +84,7 @@ class BaselineCheckpointer:
     def _torch_save(self) -> None:
         if self.ps.dp_rank != 0:     # data-parallel replicas hold the same bytes
             return
-        path = os.path.join(self.dir, f"tp{self.ps.tp_rank:02d}.pt")
+        path = os.path.join(self.dir, f"{self.ps.shard_id}.pt")
         with open(path + ".tmp", "wb") as f:
             torch.save(self.state.tensors(), f)
             f.flush()
@@ -96,7 +95,7 @@ class BaselineCheckpointer:
         self._wait()
         path = os.path.join(self.dir, f"iter_{iteration:07d}")
         # TP shards share parameter names: the key says whose shard it is.
-        tensors = {f"tp{self.ps.tp_rank:02d}/{k}": v for k, v in self.state.tensors().items()}
+        tensors = {f"{self.ps.shard_id}/{k}": v for k, v in self.state.tensors().items()}
         self.pending = (dcp.async_save(tensors, checkpoint_id=path, process_group=self.group), path)
 
     def _wait(self) -> None:
@@ -111,6 +110,12 @@ class BaselineCheckpointer:
 
     def stats(self) -> dict:
         return {} if self.blocking_s is None else {"baseline_blocking_s": self.blocking_s}
+
+    def flush(self, timeout_s: float) -> int | None:
+        return None   # a benchmark is never preempted
+
+    def set_window_hook(self, hook) -> None:
+        pass
 
     def close(self, iteration: int, clean: bool) -> None:
         self._wait()
@@ -148,7 +153,7 @@ def _rank(rank: int, init_file: str, argv: list[str], method: str, work: str, lo
 
     loop.train_step = timed_step
     if method in ("torch_save", "async_save"):
-        loop.build_checkpointer = lambda cfg, state, ps, logger: BaselineCheckpointer(method, state, ps, work)
+        loop.build_checkpointer = lambda cfg, state, ps: BaselineCheckpointer(method, state, ps, work)
     cfg = parse_config(argv, world_size=WORLD)
     pretrain_gpt.pretrain(cfg, pretrain_gpt.model_provider, pretrain_gpt.datasets_provider,
                           pretrain_gpt.gpt_forward_step)

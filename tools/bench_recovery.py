@@ -31,10 +31,9 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageArgumentParser, run_cli  # noqa: E402
-from gemini_lm.resilience.events import read_jsonl  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, run_cli
+from gemini_lm.resilience.events import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("detect_s", "restart_s", "rendezvous_s", "setup_s", "retrieval_s", "first_iteration_s")

@@ -15,23 +15,18 @@ match the ones training continues with:
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-from gemini_lm.data.tokenizer import tokenizer_spec  # noqa: E402
-from gemini_lm.errors import UsageError, run_cli  # noqa: E402
-from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,  # noqa: E402
+from gemini_lm.data.tokenizer import tokenizer_spec
+from gemini_lm.errors import UsageError, run_cli
+from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,
                                             is_bert, read_full_model_state, recorded_tokenizer,
                                             single_process_state)
-from gemini_lm.models import hf_bert, hf_gpt2  # noqa: E402
+from gemini_lm.models import hf_bert, hf_gpt2
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -135,10 +130,11 @@ def import_from_hf(hf_dir: str, save: str, tp_size: int, extra_flags: list[str],
     import pretrain_bert
     import pretrain_gpt
     from gemini_lm.config import parse_config
-    from gemini_lm.gemini.snapshot import SnapshotLayout
+    from gemini_lm.checkpoint.snapshot import SnapshotLayout
     from gemini_lm.models.hf_gpt2 import load_full_state_dict
     from gemini_lm.parallel.random import model_parallel_seed
-    from gemini_lm.training.checkpointing import check_writable, finalize_checkpoint, iter_dir_name, write_shard_file
+    from gemini_lm.checkpoint.naming import shard_id
+    from gemini_lm.checkpoint.persistent import check_writable, finalize_checkpoint, partial_dir, write_shard_file
     from gemini_lm.training.loop import build_transformer_config
     from gemini_lm.training.setup import build_training_setup
 
@@ -158,7 +154,7 @@ def import_from_hf(hf_dir: str, save: str, tp_size: int, extra_flags: list[str],
                                           "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)]
     cfg = parse_config(flags + extra_flags, world_size=tp_size)
     check_writable(save)
-    partial = os.path.join(save, iter_dir_name(0) + ".partial")
+    partial = partial_dir(save, 0)
     shards, metadata = {}, None
     for tp_rank in range(tp_size):   # each rank's shard, built as that rank of pretrain() would
         ps = single_process_state(tp_rank, tp_size)
@@ -178,7 +174,7 @@ def import_from_hf(hf_dir: str, save: str, tp_size: int, extra_flags: list[str],
         layout = SnapshotLayout.build(tensors, state.metadata)
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
         layout.write(tensors, buf)
-        shards[f"tp{tp_rank:02d}"] = write_shard_file(partial, tp_rank, memoryview(buf.numpy()))
+        shards[shard_id(tp_rank)] = write_shard_file(partial, tp_rank, memoryview(buf.numpy()))
     manifest = {"metadata": metadata}
     if any(os.path.exists(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         manifest["tokenizer"] = tokenizer_spec("HuggingFaceTokenizer", hf_dir)   # tools find it by themselves

@@ -30,12 +30,10 @@ import tempfile
 import time
 from types import SimpleNamespace
 
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
+
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, TOOLS)   # the other tools are imported as modules (their functions, not their CLIs)
-
-from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
 
 TITLES = {1: "Iteration time", 2: "Checkpoint time", 3: "Wasted time per failure",
           4: "Recovery time by phase", 5: "Recovery probability", 6: "Large clusters (simulated)"}

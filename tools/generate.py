@@ -11,23 +11,20 @@ The tokenizer is the one the checkpoint records (trained here), else pass it
 """
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from gemini_lm.config import parse_config  # noqa: E402
-from gemini_lm.errors import UsageError, run_cli  # noqa: E402
-from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,  # noqa: E402
+from gemini_lm.config import parse_config
+from gemini_lm.errors import UsageError, run_cli
+from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,
                                             fit_vocab_to_tp, is_bert, read_full_model_state,
                                             recorded_tokenizer)
-from gemini_lm.inference.generation import SamplingParams, generate  # noqa: E402
-from gemini_lm.models.gpt import GPTModel  # noqa: E402
-from gemini_lm.models.hf_gpt2 import load_full_state_dict  # noqa: E402
-from gemini_lm.training.initialize import initialize_distributed  # noqa: E402
+from gemini_lm.inference.generation import SamplingParams, generate
+from gemini_lm.models.gpt import GPTModel
+from gemini_lm.models.hf_gpt2 import load_full_state_dict
+from gemini_lm.training.initialize import initialize_distributed
 
 
 def add_generate_args(parser) -> None:

@@ -17,14 +17,12 @@ is appended to <log-dir>/injections.jsonl; its JSON is printed as the last line.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
-from gemini_lm.resilience.breakpoints import WINDOWS  # noqa: E402
-from gemini_lm.resilience.injection import KINDS, Injection, inject  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
+from gemini_lm.resilience.breakpoints import WINDOWS
+from gemini_lm.resilience.injection import KINDS, Injection, inject
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,11 +32,10 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
-from gemini_lm.resilience import procs  # noqa: E402
-from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
+from gemini_lm.resilience import procs
+from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,8 +120,7 @@ class Cluster:
                "NCCL_HOSTID": mid,
                # pytorch#135712: sharing the rendezvous store with workers breaks gloo after restarts
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         os.makedirs(os.path.join(self.log_dir, "cluster"), exist_ok=True)
         err = open(os.path.join(self.log_dir, "cluster", f"{mid}.log"), "ab")
         proc = subprocess.Popen(cmd, env=env, stdout=None, stderr=err, stdin=subprocess.DEVNULL,

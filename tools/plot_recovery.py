@@ -12,12 +12,10 @@ recovery.jsonl, but their repeated iterations still show). Prints one summary li
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli  # noqa: E402
-from gemini_lm.resilience.events import FAILURES, INJECTIONS, read_jsonl  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
+from gemini_lm.resilience.events import FAILURES, INJECTIONS, read_jsonl
 
 # (phase, record key where it ends, colour); each phase starts where the previous ended.
 PHASES = (("detect", "detected_at", "#d62728"), ("restart", "workers_started_at", "#ff7f0e"),

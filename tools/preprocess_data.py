@@ -10,11 +10,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.data.preprocess import preprocess_jsonl  # noqa: E402
-from gemini_lm.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
-from gemini_lm.errors import UsageError  # noqa: E402
+from gemini_lm.data.preprocess import preprocess_jsonl
+from gemini_lm.data.tokenizer import TOKENIZER_TYPES
+from gemini_lm.errors import UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.errors import UsageArgumentParser, UsageError  # noqa: E402
-from gemini_lm.gemini.placement import resolve_strategy  # noqa: E402
-from gemini_lm.gemini.probability import monte_carlo_probability, recovery_probability  # noqa: E402
+from gemini_lm.errors import UsageArgumentParser, UsageError
+from gemini_lm.gemini.placement import resolve_strategy
+from gemini_lm.gemini.probability import monte_carlo_probability, recovery_probability
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -6,13 +6,11 @@ writes tok.model (use with --tokenizer-type SentencePieceTokenizer) and tok.voca
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gemini_lm.data.tokenizer import train_sentencepiece  # noqa: E402
-from gemini_lm.errors import UsageError  # noqa: E402
+from gemini_lm.data.tokenizer import train_sentencepiece
+from gemini_lm.errors import UsageError
 
 
 def read_texts(path: str, json_key: str) -> list[str]:

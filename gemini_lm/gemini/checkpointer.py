@@ -1,9 +1,10 @@
-"""Checkpointer: the one face of GEMINI the training loop sees.
+"""Checkpointer: the one face of GEMINI the training loop sees (checkpoint.protocol.Checkpointer).
 
     restore()                 at start-up: memory (local, then peers), else persistent, else fresh
-    before_update()           in the optimizer step, before the update: the last snapshot has read it
-    after_step(iteration)     in the optimizer step, after the update: snapshot + replicate + persist
+    before_update()           train_step, before the optimizer update: the last snapshot has read it
+    after_step(iteration)     train_step, after the update: snapshot + replicate + persist
     stats()                   timings for metrics.jsonl
+    flush(timeout_s)          SIGTERM: the newest complete snapshot to --save
     close(iteration, clean)   drain background work; a clean finish frees the memory store
 
 Per iteration, only the *writer* of a shard on a machine (its lowest rank holding that
@@ -11,11 +12,11 @@ shard) snapshots: data-parallel replicas on the same machine hold identical byte
 snapshot is one copy of the live tensors into a shared-memory slot that outlives this
 process; the replicator then ships the committed slot to peer machines in the
 background, and the persister writes it to `--save` every `--save-interval` iterations.
+Who writes, who leads a machine and where copies go is the GeminiTopology, built once.
 """
 from __future__ import annotations
 
-import os
-import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -23,75 +24,64 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from gemini_lm.checkpoint.naming import shard_ids
+from gemini_lm.checkpoint.persistent import check_writable, latest_iteration
+from gemini_lm.checkpoint.protocol import WindowHook
+from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.interleave import TrafficScheduler
-from gemini_lm.gemini.placement import plan_placement, replication_plan
 from gemini_lm.gemini.persist import Persister
-from gemini_lm.gemini.recovery import RankInfo, machine_leaders
-from gemini_lm.gemini.replicator import Replicator, build_routes
+from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.restore import restore_state
-from gemini_lm.gemini.snapshot import SnapshotLayout
 from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.gemini.topology import GeminiTopology, machine_id
 from gemini_lm.gemini.transport import StagedTransport, connect_routes, route_groups
-from gemini_lm.training.checkpointing import check_writable
-from gemini_lm.training.initialize import collective_timeout
+from gemini_lm.log import get_logger
+from gemini_lm.parallel.comm import peer_failures
 
-
-def machine_id() -> str:
-    return os.environ.get("GEMINI_MACHINE_ID") or socket.gethostname()
+log = get_logger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, cfg, state, ps, logger, job_id: str):
-        self.cfg, self.state, self.ps, self.logger, self.job_id = cfg, state, ps, logger, job_id
+    def __init__(self, cfg, state, ps, job_id: str):
+        self.cfg, self.state, self.ps, self.job_id = cfg, state, ps, job_id
         g = cfg.gemini
         self.interval = g.gemini_interval
-        self.machine = machine_id()
         # auto is gloo for now: the NCCL path passed its GPU tests but stalled in a GPU
         # benchmark before connect_routes existed, and that fix has not run on a GPU yet
         # (see the README). nccl without CUDA was refused with the other input checks.
         self.transport = "gloo" if g.gemini_transport == "auto" else g.gemini_transport
+        machine = machine_id()
         # On CUDA the slots are page-locked, so the snapshot is an async DMA from the GPU.
-        self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine,
-                                 pin_memory=ps.device.type == "cuda")
+        self.store = MemoryStore(g.gemini_store_dir, job_id, machine, pin_memory=ps.device.type == "cuda")
         self.layout = SnapshotLayout.build(state.tensors(), state.metadata)
-        me = RankInfo(ps.rank, self.machine, ps.shard_id, self.layout.layout_hash)
-        infos: list = [None] * ps.world_size
-        dist.all_gather_object(infos, me)
-        self.infos: list[RankInfo] = infos
-        self.is_writer = min(r.rank for r in infos if r.machine == self.machine
-                             and r.shard == ps.shard_id) == ps.rank
-        self.is_leader = machine_leaders(infos)[self.machine] == ps.rank
-        machines = list(dict.fromkeys(r.machine for r in sorted(infos, key=lambda r: r.rank)))
-        # Where each shard already lives: data-parallel copies count toward the m replicas.
-        shard_machines = {s: list(dict.fromkeys(r.machine for r in infos if r.shard == s))
-                          for s in dict.fromkeys(r.shard for r in infos)}
-        self.placement = plan_placement(machines, g.gemini_replicas, g.gemini_placement)
-        self.routes = build_routes(infos, self.placement, replication_plan(shard_machines, self.placement))
+        with peer_failures("GEMINI topology"):
+            self.topology = GeminiTopology.gather(ps.rank, ps.world_size, machine, ps.shard_id,
+                                                  self.layout.layout_hash, g.gemini_replicas, g.gemini_placement)
+        topo = self.topology
         # Checkpoint traffic gets process groups of its own (collective: every rank creates
         # them): gloo for the protocol's small messages, and on GPU one NCCL group per route
         # for the payload (see transport.py).
-        self.traffic = TrafficScheduler(g, ps.timeline, log=logger.console)
-        timeout = collective_timeout(cfg)
-        self.repl_group = dist.new_group(backend="gloo", timeout=timeout) if self.routes else None
+        self.traffic = TrafficScheduler(g, ps.timeline)
+        self.repl_group = dist.new_group(backend="gloo", timeout=ps.timeout) if topo.routes else None
         self._route_groups = {}
-        if self.routes and self.transport == "nccl":
-            self._route_groups = route_groups(self.routes, "nccl", timeout)
-            connect_routes(self.routes, self._route_groups, ps.device, self.traffic.chunk_bytes)
+        if topo.routes and self.transport == "nccl":
+            self._route_groups = route_groups(topo.routes, "nccl", ps.timeout)
+            connect_routes(topo.routes, self._route_groups, ps.device, self.traffic.chunk_bytes)
         self.replicator: Replicator | None = None
         self.persister: Persister | None = None
+        self._window_hook: WindowHook | None = None
         save = cfg.checkpoint.save
         if save:
             check_writable(save)
-        if save and self.is_writer and ps.dp_rank == 0:
+        if save and topo.is_writer and ps.dp_rank == 0:
             self.persister = Persister(self.store, save, ps.tp_rank, ps.tp_size, finalizer=ps.rank == 0,
                                        keep=cfg.checkpoint.save_keep, manifest=state.manifest,
-                                       log=print)
+                                       window_hook=self._in_window)
         self._stats: dict = {}
         self.last_record = None
         self._pending = None
-        self.window_hook = None
-        self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in self.routes if r.src_rank == ps.rank}
+        self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in topo.out_routes()}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemini-commit")
         # On CUDA the snapshot's device-to-host copies run on a side stream while the next
         # iteration's forward and backward run; only its update waits for them (before_update).
@@ -100,33 +90,30 @@ class Checkpointer:
         self._d2h_wait_s: float | None = None
 
     # ---- start-up ---------------------------------------------------------------------
-    def restore(self) -> None:
+    def restore(self) -> dict:
+        """Load the newest state there is; the recovery record (source "none": nothing found)."""
+        topo = self.topology
         try:
-            result = restore_state(self, self.cfg.checkpoint.load)
+            record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
+                                   self.cfg.checkpoint.load)
         except UsageError:
-            if self.is_leader and not self.store.records():
+            if topo.is_leader and not self.store.records():
                 self.store.wipe()   # it holds nothing: bad input leaves no empty store behind
             raise
-        if self.ps.rank == 0:
-            if result.record is not None:
-                self.logger.log_recovery(result.record)
-                self.logger.console(result.summary)
-            elif result.summary:
-                self.logger.console(result.summary)
-        if self.routes:
+        if topo.routes:
             staged = partial(StagedTransport, self._route_groups, self.ps.device, self.traffic.buffer_bytes,
                              self.traffic.num_buffers) if self.transport == "nccl" else None
-            self.replicator = Replicator(self.routes, self.ps.rank, self.repl_group, self.store,
-                                         self.machine, chunk_bytes=self.traffic.chunk_bytes,
+            self.replicator = Replicator(list(topo.routes), self.ps.rank, self.repl_group, self.store,
+                                         topo.machine, chunk_bytes=self.traffic.chunk_bytes,
                                          timeline=self.ps.timeline, on_sent=self.traffic.observe,
-                                         transports=staged)
-            self.replicator.window_hook = self.window_hook
-        if self.is_writer:
+                                         transports=staged, window_hook=self._in_window)
+        if topo.is_writer:
             self.store.prepare(self.ps.shard_id, self.layout.nbytes)
+        return record
 
     # ---- every iteration --------------------------------------------------------------
     def after_step(self, iteration: int) -> None:
-        if iteration % self.interval == 0 and self.is_writer:
+        if iteration % self.interval == 0 and self.topology.is_writer:
             self._snapshot(iteration)
 
     def before_update(self) -> None:
@@ -164,23 +151,23 @@ class Checkpointer:
                        "gemini_blocking_s": time.perf_counter() - t0,
                        "gemini_snapshot_bytes": self.layout.nbytes}
 
-    def set_window_hook(self, hook) -> None:
+    def set_window_hook(self, hook: WindowHook | None) -> None:
         """`hook(window, iteration)` runs inside each checkpoint window — "snapshot" (payload
         written, not committed), "replication" (sender: header sent, payload not; receiver:
         payload in, not committed), "persist" (about to write) — for failure injection."""
-        self.window_hook = hook
-        if self.replicator is not None:
-            self.replicator.window_hook = hook
-        if self.persister is not None:
-            self.persister.window_hook = hook
+        self._window_hook = hook
+
+    def _in_window(self, window: str, iteration: int | None) -> None:
+        hook = self._window_hook
+        if hook is not None:
+            hook(window, iteration)
 
     def _commit_and_ship(self, w, iteration: int, replicate: bool, copied=None):
         if copied is not None:
             t0 = time.perf_counter()
             copied.synchronize()
             self._d2h_wait_s = time.perf_counter() - t0   # ≈ the copy's duration past the step
-        if self.window_hook is not None:
-            self.window_hook("snapshot", iteration)
+        self._in_window("snapshot", iteration)
         rec = self.store.commit(w, iteration)
         self.last_record = rec
         if replicate:
@@ -217,6 +204,36 @@ class Checkpointer:
             out["gemini_interleave_predicted_extra_s"] = plan.predicted_extra_s
         return out
 
+    # ---- preemption -------------------------------------------------------------------
+    def flush(self, timeout_s: float) -> int | None:
+        """Write this rank's newest complete snapshot to --save; the iteration, or None if
+        nothing to do. Runs on the signal thread while training may be blocked.
+
+        Only ranks with a persister (DP rank 0 of each TP shard) write; global rank 0 also
+        finalizes, waiting at most `timeout_s` for the other TP shards. TP shards pick the
+        same iteration when their machine's store holds them all (the newest iteration
+        committed for every shard there); otherwise each writes its own newest and, if they
+        disagree, the checkpoint is not finalized and the previous one stays the newest.
+        """
+        persister = self.persister
+        if persister is None:
+            return None
+        own = sorted(self.store.records(self.ps.shard_id), key=lambda r: -r.iteration)
+        if not own:
+            return None
+        have = {s: {r.iteration for r in self.store.records(s)} for s in shard_ids(self.ps.tp_size)}
+        common = [r for r in own if all(r.iteration in its for its in have.values())]
+        rec = (common or own)[0]
+        done = latest_iteration(persister.save_dir)
+        if done is not None and done >= rec.iteration:
+            return None
+        deadline = time.monotonic() + timeout_s
+        waiter = threading.Thread(target=persister.wait, daemon=True)   # a persist already running
+        waiter.start()
+        waiter.join(timeout_s / 2)
+        persister.persist(rec, finalize_timeout_s=max(1.0, deadline - time.monotonic()))
+        return rec.iteration
+
     # ---- shutdown ---------------------------------------------------------------------
     def close(self, iteration: int, clean: bool) -> None:
         self.ps.timeline.release_waiters()   # chunks waiting for a next iteration go now
@@ -236,8 +253,9 @@ class Checkpointer:
             self.persister.close()
         self._worker.shutdown(wait=clean)
         if clean:
-            dist.barrier()   # every rank is done with the store before it goes
-            if self.is_leader and not self.cfg.gemini.gemini_keep_store:
+            with peer_failures("GEMINI close"):
+                dist.barrier()   # every rank is done with the store before it goes
+            if self.topology.is_leader and not self.cfg.gemini.gemini_keep_store:
                 self.store.wipe()
                 return
         self.store.close()

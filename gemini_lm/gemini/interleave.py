@@ -26,19 +26,21 @@ from __future__ import annotations
 import math
 import statistics
 
-from gemini_lm.gemini.schedule import ScheduleInputs, gaps_from_timelines, plan_schedule
+from gemini_lm.gemini.schedule import (ScheduleInputs, fixed_chunks, gaps_from_timelines, plan_schedule,
+                                       replication_interval)
+from gemini_lm.log import get_logger
 
 _MIN_SAMPLES = 2   # bandwidth samples (chunks) needed before planning
 
 
 class TrafficScheduler:
-    def __init__(self, gcfg, timeline, log=print):
+    def __init__(self, gcfg, timeline, log=None):
         self.interleave = gcfg.gemini_interleave == "on"
         self.profile_iters = gcfg.gemini_profile_iters if self.interleave else 0
         self.buffer_bytes = max(1, int(gcfg.gemini_buffer_mb * 2**20))
         self.num_buffers = gcfg.gemini_sub_buffers
         self.mu = gcfg.gemini_gap_safety
-        self.timeline, self.log = timeline, log
+        self.timeline, self.log = timeline, log or get_logger(__name__).info
         self.fixed_every = gcfg.gemini_replication_interval   # 0: choose j from the measurements
         self.every = self.fixed_every or 1   # replicate every j-th snapshot
         self._replicable = 0           # snapshots taken since profiling ended
@@ -93,14 +95,8 @@ class TrafficScheduler:
         inputs = ScheduleInputs(gaps=gaps, update_s=update_s, peer_bytes=peer_bytes,
                                 buffer_bytes=self.buffer_bytes, num_buffers=self.num_buffers,
                                 bandwidth=self.bandwidth, alpha=self.alpha, mu=self.mu)
-        # "Fits in one iteration" = its transfer takes at most mu of an iteration: the
-        # gaps take what they can and the rest goes when the update begins. Only a
-        # checkpoint slower than that to send is spread over j iterations' gaps.
-        chunk = inputs.chunk_bytes
-        send_s = sum(math.ceil(n / chunk) * self.alpha + n / self.bandwidth for n in peer_bytes.values())
-        j = max(1, math.ceil(send_s / (self.mu * iteration_s))) if iteration_s > 0 else 1
-        if self.fixed_every:
-            j = self.fixed_every   # the user's choice wins; the plan still spreads over it
+        # The user's choice of j wins; the plan still spreads over it.
+        j = self.fixed_every or replication_interval(inputs, iteration_s)
         self._period = iteration_s if j > 1 else 0.0   # gaps of iteration k are shifted by k periods
         self.plan = plan_schedule(inputs, iterations=j, iteration_time_s=iteration_s if j > 1 else None)
         self.every = j
@@ -114,8 +110,7 @@ class TrafficScheduler:
         """[(offset, size, when)] for sending `nbytes` of snapshot `iteration` to `peer`;
         when = (iteration to wait for, seconds into it, or None for "its update began")."""
         if self.plan is None or not self.interleave:
-            step = self.chunk_bytes
-            return [(off, min(step, nbytes - off), None) for off in range(0, nbytes, step)]
+            return fixed_chunks(nbytes, self.chunk_bytes)
         plan, out = self.plan, []
         per_iter = max(1, len(plan.gaps) // plan.iterations)
         period = self._period

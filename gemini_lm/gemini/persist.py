@@ -5,7 +5,7 @@ The training thread only hands over a commit record; a background thread pins th
 safetensors file — into `<save>/iter_XXXXXXX.partial/`, and drops a small sidecar with
 the file's size and checksum. The finalizer (global rank 0) waits until every
 tensor-parallel shard's sidecar is there, then writes the manifest, renames the
-directory into place and moves the tracker last (training/checkpointing.py), so a crash
+directory into place and moves the tracker last (checkpoint/persistent.py), so a crash
 at any point leaves the previous checkpoint intact. `--save` must be a filesystem every
 writer sees (as in Megatron).
 
@@ -20,22 +20,27 @@ import queue
 import threading
 import time
 
-from gemini_lm.gemini.snapshot import write_file_atomic
-from gemini_lm.training.checkpointing import finalize_checkpoint, iter_dir_name, shard_file_name
+from gemini_lm.checkpoint.files import write_file_atomic
+from gemini_lm.checkpoint.naming import shard_file_name, shard_id, shard_sidecar_name
+from gemini_lm.checkpoint.persistent import finalize_checkpoint, partial_dir
+from gemini_lm.log import get_logger
+
+log = get_logger(__name__)
 
 
 class Persister:
     def __init__(self, store, save_dir: str, tp_rank: int, tp_size: int, *, finalizer: bool,
-                 keep: int | None, manifest: dict, log=print, finalize_timeout_s: float = 600.0):
-        """`manifest`: what the finalizer's manifest.json records beside the shards (TrainState.manifest)."""
+                 keep: int | None, manifest: dict, finalize_timeout_s: float = 600.0, window_hook=None):
+        """`manifest`: what the finalizer's manifest.json records beside the shards (TrainState.manifest).
+        `window_hook(window, iteration)` runs inside the persist window (failure injection)."""
         self.store, self.save_dir, self.tp_rank, self.tp_size = store, save_dir, tp_rank, tp_size
-        self.finalizer, self.keep, self.manifest, self.log = finalizer, keep, manifest, log
+        self.finalizer, self.keep, self.manifest = finalizer, keep, manifest
         self.finalize_timeout_s = finalize_timeout_s
         self.skipped = 0
         self.last_persist_s: float | None = None
         self.last_iteration: int | None = None
         self.error: BaseException | None = None
-        self.window_hook = None   # failure injection: see Checkpointer.set_window_hook
+        self.window_hook = window_hook
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._loop, name="gemini-persist", daemon=True)
         self._thread.start()
@@ -63,31 +68,32 @@ class Persister:
                 self.last_iteration = rec.iteration
             except BaseException as exc:  # noqa: BLE001 - reported, training goes on from memory
                 self.error = exc
-                self.log(f"GEMINI persist of iteration {getattr(rec, 'iteration', '?')} failed: {exc!r}")
+                log.warning(f"GEMINI persist of iteration {getattr(rec, 'iteration', '?')} failed: {exc!r}")
             finally:
                 self._jobs.task_done()
 
-    def persist(self, rec) -> None:
-        """Write one shard (and, on the finalizer, the whole checkpoint). Runs on the thread."""
-        partial = os.path.join(self.save_dir, iter_dir_name(rec.iteration) + ".partial")
+    def persist(self, rec, finalize_timeout_s: float | None = None) -> None:
+        """Write one shard (and, on the finalizer, the whole checkpoint). Runs on the thread,
+        or on the SIGTERM flush (Checkpointer.flush) with its own deadline."""
+        partial = partial_dir(self.save_dir, rec.iteration)
         os.makedirs(partial, exist_ok=True)
         with self.store.open(rec, verify=False) as view:   # checksum was checked when written
             write_file_atomic(os.path.join(partial, shard_file_name(self.tp_rank)), view.buffer)
         side = {"file": shard_file_name(self.tp_rank), "nbytes": rec.nbytes, "checksum": rec.checksum}
-        write_file_atomic(os.path.join(partial, f"tp_rank_{self.tp_rank:02d}.json"), json.dumps(side).encode())
+        write_file_atomic(os.path.join(partial, shard_sidecar_name(self.tp_rank)), json.dumps(side).encode())
         if self.finalizer:
-            self._finalize(rec.iteration, partial)
+            self._finalize(rec.iteration, partial, finalize_timeout_s or self.finalize_timeout_s)
 
-    def _finalize(self, iteration: int, partial: str) -> None:
-        deadline = time.monotonic() + self.finalize_timeout_s
-        sides = [os.path.join(partial, f"tp_rank_{r:02d}.json") for r in range(self.tp_size)]
+    def _finalize(self, iteration: int, partial: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        sides = [os.path.join(partial, shard_sidecar_name(r)) for r in range(self.tp_size)]
         while not all(os.path.exists(p) for p in sides):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{partial}: shards missing after {self.finalize_timeout_s:.0f}s")
+                raise TimeoutError(f"{partial}: shards missing after {timeout_s:.0f}s")
             time.sleep(0.05)
         shards = {}
         for r, p in enumerate(sides):
-            shards[f"tp{r:02d}"] = json.load(open(p))
+            shards[shard_id(r)] = json.load(open(p))
             os.remove(p)
         finalize_checkpoint(self.save_dir, iteration, self.tp_size, shards, self.manifest, self.keep)
 

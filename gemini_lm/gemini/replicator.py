@@ -27,29 +27,25 @@ import json
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from gemini_lm.gemini.snapshot import as_byte_tensor
+from gemini_lm.checkpoint.snapshot import as_byte_tensor
+from gemini_lm.errors import ReplicationError
+from gemini_lm.gemini.schedule import fixed_chunks
+from gemini_lm.gemini.topology import Route
 from gemini_lm.gemini.transport import DirectTransport
+from gemini_lm.log import get_logger
+
+log = get_logger(__name__)
 
 HEADER_BYTES = 512
 STOP = -1
 # Two machines may replicate to each other: each rank then has a sending and a receiving
 # thread talking to the same peer. Separate tags keep data and acks from crossing.
 DATA_TAG, ACK_TAG = 1, 2
-
-
-@dataclass(frozen=True)
-class Route:
-    shard: str
-    src_rank: int
-    dst_rank: int
-    src_machine: str
-    dst_machine: str
 
 
 def _encode_header(obj: dict) -> torch.Tensor:
@@ -69,14 +65,15 @@ def _decode_header(t: torch.Tensor) -> dict:
 class Replicator:
     def __init__(self, routes: list[Route], rank: int, group, store, machine_id: str,
                  chunk_bytes: int, timeline=None, on_sent: Callable | None = None,
-                 transports: Callable | None = None):
+                 transports: Callable | None = None, window_hook: Callable | None = None):
         """`transports()` makes a payload transport (one per thread: a staged one owns
-        its buffer); default: DirectTransport on `group`."""
+        its buffer); default: DirectTransport on `group`. `window_hook(window, iteration)`
+        runs inside the replication window (failure injection)."""
         self.rank, self.group, self.store = rank, group, store
         make = transports or (lambda: DirectTransport(group))
         self.machine_id, self.chunk_bytes = machine_id, chunk_bytes
         self.timeline, self.on_sent = timeline, on_sent
-        self.window_hook: Callable | None = None   # failure injection: see Checkpointer.set_window_hook
+        self.window_hook = window_hook
         self.out_routes = [r for r in routes if r.src_rank == rank]
         self.in_routes = [r for r in routes if r.dst_rank == rank]
         self.error: BaseException | None = None
@@ -130,11 +127,8 @@ class Replicator:
                 t0 = time.perf_counter()
                 rec = view.record
                 for r in routes:
-                    if chunker is None:
-                        chunks = [(off, min(self.chunk_bytes, rec.nbytes - off), None)
-                                  for off in range(0, rec.nbytes, self.chunk_bytes)]
-                    else:
-                        chunks = chunker(r.dst_machine, rec.nbytes, rec.iteration)
+                    chunks = (fixed_chunks(rec.nbytes, self.chunk_bytes) if chunker is None
+                              else chunker(r.dst_machine, rec.nbytes, rec.iteration))
                     # The writer's own mapping of the slot is page-locked on CUDA: DMA-able.
                     data = self.store.writer_mapping(rec)
                     self._send_one(as_byte_tensor(view.buffer) if data is None else data, rec, r, chunks)
@@ -162,7 +156,7 @@ class Replicator:
         ack = torch.zeros(1, dtype=torch.int64)
         dist.recv(ack, route.dst_rank, group=self.group, tag=ACK_TAG)
         if int(ack) != rec.iteration:
-            raise RuntimeError(f"{route.dst_machine} acknowledged iteration {int(ack)}, not {rec.iteration}")
+            raise ReplicationError(f"{route.dst_machine} acknowledged iteration {int(ack)}, not {rec.iteration}")
         if self.on_sent is not None:
             self.on_sent(header_s / 2, timings)   # two small messages in the header phase
 
@@ -199,7 +193,7 @@ class Replicator:
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
-            raise RuntimeError(f"GEMINI replication failed: {self.error!r}") from self.error
+            raise ReplicationError(f"GEMINI replication failed: {self.error!r}") from self.error
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish pending sends, tell receivers to stop, join the threads."""
@@ -216,22 +210,8 @@ class Replicator:
         for t in self._threads:
             t.join(timeout)
             if t.is_alive():   # a peer never sent its stop: say so rather than hang
-                print(f"WARNING: GEMINI replication thread {t.name} did not stop", flush=True)
+                log.warning(f"GEMINI replication thread {t.name} did not stop")
                 stuck = True
         if not stuck:   # a stuck thread may still be using its transport's buffer
             for tr in self._transports:
                 tr.close()
-
-
-def build_routes(rank_infos, placement, replication_plan) -> list[Route]:
-    """Turn (shard, src_machine, dst_machine) sends into rank-to-rank routes."""
-    by_machine_shard: dict[tuple[str, str], int] = {}
-    leaders: dict[str, int] = {}
-    for r in sorted(rank_infos, key=lambda r: r.rank):
-        by_machine_shard.setdefault((r.machine, r.shard), r.rank)
-        leaders.setdefault(r.machine, r.rank)
-    routes = []
-    for shard, sends in sorted(replication_plan.items()):
-        for src_m, dst_m in sends:
-            routes.append(Route(shard, by_machine_shard[(src_m, shard)], leaders[dst_m], src_m, dst_m))
-    return routes

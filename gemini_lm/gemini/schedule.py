@@ -205,34 +205,28 @@ def plan_schedule(inputs: ScheduleInputs, iterations: int = 1, iteration_time_s:
     return SchedulePlan(inputs, iterations, gaps, chunks, gap_chunks, gap_bytes, leftover, extra, min_chunk)
 
 
-def choose_interval(plan_or_inputs: SchedulePlan | ScheduleInputs, iteration_time_s: float,
-                    max_interval: int = 100_000) -> int:
-    """Smallest j >= 1 such that the checkpoint fits in the gaps of j iterations.
+def fixed_chunks(nbytes: int, chunk_bytes: int) -> list[tuple[int, int, None]]:
+    """[(offset, size, None)]: `nbytes` in chunks of `chunk_bytes`, all to be sent at once."""
+    return [(off, min(chunk_bytes, nbytes - off), None) for off in range(0, nbytes, chunk_bytes)]
 
-    The greedy fill is sequential over gaps, so the plan for j+1 iterations starts with
-    exactly the plan for j: we fill one iteration's gaps after another until every byte
-    is placed. An iteration that places nothing means no j works (the next would start
-    from the same cursor with the same gaps): ValueError, so the caller decides between
-    sending before every update and checkpointing less often.
+
+def send_time(inp: ScheduleInputs) -> float:
+    """Seconds to send the whole checkpoint to every peer: α per chunk plus size / B."""
+    chunk = inp.chunk_bytes
+    return sum(math.ceil(n / chunk) * inp.alpha + n / inp.bandwidth for n in inp.peer_bytes.values())
+
+
+def replication_interval(inp: ScheduleInputs, iteration_time_s: float) -> int:
+    """j: replicate every j-th snapshot, the smallest j >= 1 with send_time <= mu * j iterations.
+
+    Within one iteration the gaps take what they can and the rest goes when the update
+    begins, so a checkpoint that takes at most mu of an iteration to send is replicated
+    every iteration; only a slower one is spread over the gaps of j iterations.
     """
-    inp = plan_or_inputs.inputs if isinstance(plan_or_inputs, SchedulePlan) else plan_or_inputs
     inp.validate()
-    if iteration_time_s < inp.update_s:
-        raise ValueError(f"iteration_time_s ({iteration_time_s}) < update_s ({inp.update_s})")
-    stream, min_chunk = _Stream(inp.peer_bytes), inp.resolved_min_chunk()
-    one = _usable(inp.gaps, inp.update_s)
-    sink: list[Chunk] = []
-    for j in range(1, max_interval + 1):
-        if stream.done():
-            return j
-        placed = sum(_fill_gap(inp, stream, s, e, i, min_chunk, sink) for i, (s, e) in enumerate(one))
-        sink.clear()
-        if stream.done():
-            return j
-        if placed == 0:
-            break
-    raise ValueError("the checkpoint cannot be interleaved: the gaps take no chunk "
-                     f"(or need more than {max_interval} iterations); send it before the update")
+    if iteration_time_s <= 0:
+        return 1
+    return max(1, math.ceil(send_time(inp) / (inp.mu * iteration_time_s)))
 
 
 @dataclass

@@ -40,11 +40,14 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from gemini_lm.checkpoint.checksum import checksum as compute_checksum
+from gemini_lm.checkpoint.checksum import verify as verify_checksum
+from gemini_lm.checkpoint.snapshot import read_tensors
 from gemini_lm.errors import UsageError
-from gemini_lm.gemini.checksum import checksum as compute_checksum
-from gemini_lm.gemini.checksum import verify as verify_checksum
 from gemini_lm.gemini.slot import Slot
-from gemini_lm.gemini.snapshot import read_tensors
+from gemini_lm.log import get_logger
+
+log = get_logger(__name__)
 
 SLOT_NAMES = "abcdefgh"        # "a"/"b" in steady state, the rest only while readers pin slots
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -173,6 +176,10 @@ class MemoryStore:
         self._lock = threading.RLock()   # writer bookkeeping; commits may come from another thread
 
     # ---- paths and records ------------------------------------------------------------
+    def payload_path(self, record: CommitRecord) -> str:
+        """The file holding `record`'s bytes (for tools and tests that inspect or damage it)."""
+        return self._payload_path(record.shard, record.slot)
+
     def _payload_path(self, shard: str, slot: str) -> str:
         return os.path.join(self.path, f"{shard}.{slot}.bin")
 
@@ -234,8 +241,8 @@ class MemoryStore:
     def _map(self, s: Slot, nbytes: int, pin: bool = True) -> None:
         if not s.map(nbytes, pin=self.pin_memory and pin) and not self._warned_pin:
             self._warned_pin = True
-            print(f"WARNING: GEMINI could not page-lock its slots in {self.root} (a tmpfs such as /dev/shm "
-                  "can be): snapshots copy off the GPU synchronously", flush=True)
+            log.warning(f"GEMINI could not page-lock its slots in {self.root} (a tmpfs such as /dev/shm "
+                        "can be): snapshots copy off the GPU synchronously")
 
     def _reusable_slots(self, shard: str) -> list[str]:
         """Slots a writer may take, oldest iteration first; spare names last."""

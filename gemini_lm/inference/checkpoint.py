@@ -15,15 +15,14 @@ import os
 import torch
 from torch import nn
 
+from gemini_lm.checkpoint.persistent import latest_iteration, read_manifest, read_shard
 from gemini_lm.errors import UsageError
-from gemini_lm.gemini.snapshot import read_metadata
 from gemini_lm.models.bert import BertModel
 from gemini_lm.models.config import TransformerConfig, pad_vocab_size
 from gemini_lm.models.gpt import GPTModel
 from gemini_lm.parallel.random import RNGStatesTracker
 from gemini_lm.parallel.state import ParallelState
 from gemini_lm.parallel.utils import is_tensor_parallel, unshard_tensors
-from gemini_lm.training.checkpointing import latest_iteration, read_manifest, read_shard
 
 MODEL_PREFIX = "model/"
 
@@ -68,9 +67,9 @@ def read_full_model_state(load_dir: str, iteration: int | None = None
     shards = []
     config = None
     for tp_rank in range(tp_size):
-        tensors, payload = read_shard(load_dir, iteration, tp_rank, tp_size)
+        tensors, metadata = read_shard(load_dir, iteration, tp_rank, tp_size)
         if config is None:
-            config = config_from_metadata(read_metadata(payload))
+            config = config_from_metadata(metadata)
         shards.append({k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)})
     reference = build_model(config, single_process_state())   # sharding attributes only
     full = {}

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gemini_lm.parallel import comm
+from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.state import ParallelState
 
 
@@ -111,7 +113,8 @@ class DistributedDataParallel(nn.Module):
         # low-precision buffer cannot overflow in the reduction.
         bucket.data.div_(self.ps.dp_size)
         bucket.launch_time = time.perf_counter()
-        bucket.handle = dist.all_reduce(bucket.data, group=self.ps.dp_group, async_op=True)
+        with peer_failures("DP gradient all-reduce"):
+            bucket.handle = dist.all_reduce(bucket.data, group=self.ps.dp_group, async_op=True)
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -130,7 +133,7 @@ class DistributedDataParallel(nn.Module):
                 self._launch(bucket)
         for bucket in self.buckets:
             if bucket.handle is not None:
-                bucket.handle.wait()
+                comm.wait(bucket.handle, "DP gradient all-reduce")
                 self.ps.timeline.record("all_reduce", "dp",
                                         bucket.data.numel() * bucket.data.element_size(),
                                         bucket.launch_time, time.perf_counter())

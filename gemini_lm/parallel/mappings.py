@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.state import ParallelState
 from gemini_lm.parallel.utils import divide
 
@@ -27,7 +28,7 @@ def all_reduce_tp(tensor: torch.Tensor, ps: ParallelState,
     """In-place all-reduce of a contiguous tensor over the TP group, recorded on the timeline."""
     if ps.tp_size == 1:
         return tensor
-    with ps.timeline.span("all_reduce", "tp", _nbytes(tensor)):
+    with peer_failures("TP all-reduce"), ps.timeline.span("all_reduce", "tp", _nbytes(tensor)):
         dist.all_reduce(tensor, op=op, group=ps.tp_group)
     return tensor
 
@@ -48,7 +49,7 @@ def _gather_last_dim(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(ps.tp_size)]
     # A list all-gather rather than all_gather_into_tensor: same call on gloo and NCCL
     # across torch versions. Recorded size: the gathered tensor.
-    with ps.timeline.span("all_gather", "tp", _nbytes(x) * ps.tp_size):
+    with peer_failures("TP all-gather"), ps.timeline.span("all_gather", "tp", _nbytes(x) * ps.tp_size):
         dist.all_gather(parts, x, group=ps.tp_group)
     return torch.cat(parts, dim=-1)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from gemini_lm.checkpoint.naming import shard_id
 from gemini_lm.parallel.timeline import CollectiveTimeline
 
 
@@ -29,6 +30,7 @@ class ParallelState:
     dp_ranks: list
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timeline: CollectiveTimeline = field(default_factory=CollectiveTimeline)
+    timeout: datetime.timedelta | None = None   # of the groups' collectives (None: torch's default)
 
     @classmethod
     def initialize(cls, tp_size: int, device: torch.device | str = "cpu",
@@ -55,9 +57,9 @@ class ParallelState:
                 dp_group, dp_ranks = g, ranks
         return cls(rank=rank, world_size=world, tp_size=tp_size, tp_rank=rank % tp_size,
                    dp_size=dp_size, dp_rank=rank // tp_size, tp_group=tp_group, dp_group=dp_group,
-                   tp_ranks=tp_ranks, dp_ranks=dp_ranks, device=torch.device(device))
+                   tp_ranks=tp_ranks, dp_ranks=dp_ranks, device=torch.device(device), timeout=timeout)
 
     @property
     def shard_id(self) -> str:
         """Name of the model/optimizer shard this rank holds; DP replicas share it."""
-        return f"tp{self.tp_rank:02d}"
+        return shard_id(self.tp_rank)

@@ -24,6 +24,8 @@ import signal
 import threading
 import time
 
+from gemini_lm.checkpoint.protocol import Checkpointer
+
 WINDOWS = ("snapshot", "replication", "persist")
 
 
@@ -51,9 +53,8 @@ class Breakpoints:
         if window in WINDOWS:
             self.armed = window
 
-    def attach(self, checkpointer) -> None:
-        if hasattr(checkpointer, "set_window_hook"):
-            checkpointer.set_window_hook(self.point)
+    def attach(self, checkpointer: Checkpointer) -> None:
+        checkpointer.set_window_hook(self.point)
 
     def point(self, window: str, iteration: int | None) -> None:
         if self.armed != window:

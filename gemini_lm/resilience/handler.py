@@ -4,15 +4,16 @@ torchrun restarts a worker group when a worker exits non-zero; restarting *is* r
 (the checkpointer restores from memory at start-up). So a worker's only job on a failure
 is to notice it fast, leave a trace and get out of the way:
 
-- a collective error or timeout (a peer died: gloo/NCCL raise, or a replication stream
-  broke) → a failure event in <log-dir>/failures.jsonl and os._exit(EXIT_RESTART). No
+- a peer failure (errors.PeerFailure, raised where it is detected: a torch.distributed
+  call that failed, a replication stream that broke; or torch's own DistError types)
+  → a failure event in <log-dir>/failures.jsonl and os._exit(EXIT_RESTART). No
   clean-up: draining replication or joining process groups with a dead peer can hang,
   and the snapshots live in shared memory, which outlives the process anyway.
 - a watchdog thread: no completed iteration for --gemini-hang-timeout seconds (a peer is
   frozen, or this rank is stuck) → the same. It starts after restore, so a slow start-up
   or recovery does not trip it.
-- SIGTERM (a preemption notice, or torchrun stopping the group): write the newest
-  complete in-memory snapshot to --save if that is newer than the persistent checkpoint,
+- SIGTERM (a preemption notice, or torchrun stopping the group): the checkpointer's
+  flush() writes the newest complete snapshot to --save if newer than the checkpoint there,
   then exit EXIT_RESTART. Not 0: a worker that exits 0 tells its agent it finished, and a
   lone worker's agent would then leave the job. When the agent itself is shutting down
   the code is ignored anyway.
@@ -34,25 +35,22 @@ import time
 
 import torch.distributed as dist
 
-from gemini_lm.errors import EXIT_RESTART, UsageError
+from gemini_lm.checkpoint.protocol import Checkpointer
+from gemini_lm.errors import EXIT_RESTART, PeerFailure, UsageError
+from gemini_lm.log import ALL_RANKS, get_logger
 from gemini_lm.resilience.breakpoints import Breakpoints
 from gemini_lm.resilience.events import record_failure
 
-# Messages of RuntimeErrors that mean "a peer or the network is gone", not a bug.
-_COLLECTIVE_MARKERS = ("connection closed", "connection reset", "connection refused", "broken pipe",
-                       "timed out", "timeout", "gloo", "nccl", "replication failed")
+log = get_logger(__name__)
+
+# torch's own typed errors for a failed backend, network or store (NCCL, TCPStore).
+_TORCH_PEER_ERRORS = tuple(getattr(dist, n) for n in ("DistBackendError", "DistNetworkError", "DistStoreError")
+                           if hasattr(dist, n))
 
 
-def is_collective_failure(exc: BaseException) -> bool:
-    """A failure a restart can fix (a dead or hung peer), as opposed to a bug."""
-    dist_errors = tuple(getattr(dist, n) for n in ("DistError", "DistBackendError", "DistNetworkError",
-                                                   "DistStoreError") if hasattr(dist, n))
-    if isinstance(exc, dist_errors + (TimeoutError, ConnectionError)):
-        return True
-    if type(exc) is RuntimeError:
-        msg = str(exc).lower()
-        return any(m in msg for m in _COLLECTIVE_MARKERS)
-    return False
+def is_peer_failure(exc: BaseException) -> bool:
+    """A failure recovery can fix (a dead or hung peer), as opposed to a bug: by type only."""
+    return isinstance(exc, (PeerFailure, ConnectionError, TimeoutError) + _TORCH_PEER_ERRORS)
 
 
 class FailureHandler:
@@ -62,7 +60,7 @@ class FailureHandler:
         self.hang_timeout_s, self.flush_timeout_s = hang_timeout_s, flush_timeout_s
         self.rendezvous_done_at = time.time()   # built right after init_process_group
         self.iteration = 0                      # last completed iteration
-        self.checkpointer = None
+        self.checkpointer: Checkpointer | None = None
         self.breakpoints = Breakpoints(log_dir)
         self._last_progress = time.monotonic()
         self._stop = threading.Event()
@@ -73,7 +71,7 @@ class FailureHandler:
         self._install_signals()
 
     # ---- wiring -----------------------------------------------------------------------
-    def attach(self, checkpointer) -> None:
+    def attach(self, checkpointer: Checkpointer) -> None:
         """After restore: SIGTERM can flush its snapshots, injection breakpoints can hook it."""
         self.checkpointer = checkpointer
         self.breakpoints.attach(checkpointer)
@@ -91,7 +89,7 @@ class FailureHandler:
         """Exit EXIT_RESTART for a collective failure; otherwise record it and return."""
         if isinstance(exc, (KeyboardInterrupt, SystemExit, UsageError)):
             return
-        if is_collective_failure(exc):
+        if is_peer_failure(exc):
             self.fail("collective_error", f"{type(exc).__name__}: {exc}")
         record_failure(self.log_dir, cause="exception", rank=self.rank, machine=self.machine,
                        iteration=self.iteration, detail=f"{type(exc).__name__}: {exc}")
@@ -101,8 +99,8 @@ class FailureHandler:
         with self._exiting:   # one exit path wins (watchdog vs. main thread vs. SIGTERM)
             record_failure(self.log_dir, cause=cause, rank=self.rank, machine=self.machine,
                            iteration=self.iteration, detail=detail)
-            print(f"rank {self.rank}: {cause} after iteration {self.iteration}: {detail[:200]}; "
-                  f"exiting {EXIT_RESTART} for a restart", file=sys.stderr, flush=True)
+            log.warning(f"{cause} after iteration {self.iteration}: {detail[:200]}; "
+                        f"exiting {EXIT_RESTART} for a restart", extra=ALL_RANKS)
             sys.stdout.flush()
             os._exit(EXIT_RESTART)
 
@@ -159,7 +157,7 @@ class FailureHandler:
     def _on_sigterm(self) -> None:
         detail = "SIGTERM"
         try:
-            flushed = flush_newest_snapshot(self.checkpointer, self.flush_timeout_s)
+            flushed = None if self.checkpointer is None else self.checkpointer.flush(self.flush_timeout_s)
             if flushed is not None:
                 detail += f"; flushed iteration {flushed} to --save"
         except Exception as exc:  # noqa: BLE001 - the exit must happen regardless
@@ -175,44 +173,3 @@ class FailureHandler:
             self._old_wakeup_fd = None
             for s in self._sockets:
                 s.close()
-
-
-def flush_newest_snapshot(checkpointer, timeout_s: float) -> int | None:
-    """Write this rank's newest complete snapshot to --save; the iteration, or None if nothing to do.
-
-    Only ranks with a persister (DP rank 0 of each TP shard) write; global rank 0 also
-    finalizes, waiting at most `timeout_s` for the other TP shards. TP shards pick the
-    same iteration when their machine's store holds them all (the newest iteration
-    committed for every shard there); otherwise each writes its own newest and, if they
-    disagree, the checkpoint is not finalized and the previous one stays the newest.
-    """
-    persister = getattr(checkpointer, "persister", None)
-    if persister is None:
-        return None
-    from gemini_lm.training.checkpointing import latest_iteration
-
-    store, ps = checkpointer.store, checkpointer.ps
-    own = sorted(store.records(ps.shard_id), key=lambda r: -r.iteration)
-    if not own:
-        return None
-    shards = [f"tp{r:02d}" for r in range(ps.tp_size)]
-    have = {s: {r.iteration for r in store.records(s)} for s in shards}
-    common = [r for r in own if all(r.iteration in have[s] for s in shards)]
-    rec = (common or own)[0]
-    done = latest_iteration(persister.save_dir)
-    if done is not None and done >= rec.iteration:
-        return None
-    deadline = time.monotonic() + timeout_s
-    waiter = threading.Thread(target=persister.wait, daemon=True)   # a persist already running
-    waiter.start()
-    waiter.join(timeout_s / 2)
-    persister.finalize_timeout_s = max(1.0, deadline - time.monotonic())
-    persister.persist(rec)
-    return rec.iteration
-
-
-def failure_handler_for(cfg, ps) -> FailureHandler:
-    """Build right after init_process_group: its construction time is 'rendezvous done'."""
-    from gemini_lm.gemini.checkpointer import machine_id
-
-    return FailureHandler(cfg.logging.log_dir, ps.rank, machine_id(), cfg.gemini.gemini_hang_timeout)

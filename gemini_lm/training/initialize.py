@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from gemini_lm.config import Config
 from gemini_lm.errors import UsageError
+from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.state import ParallelState
 
 T = TypeVar("T")
@@ -84,12 +85,14 @@ def all_ranks_or_none(ps: ParallelState, check: Callable[[], T]) -> T:
             raise UsageError(message.decode(errors="replace"))
         return result
     first = torch.tensor([ps.rank if message else ps.world_size], dtype=torch.int64, device=ps.device)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    with peer_failures("input check"):
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
     src = int(first.item())
     if src == ps.world_size:
         return result
     buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8, device=ps.device)
     if ps.rank == src:
         buf[:len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8)
-    dist.broadcast(buf, src)
+    with peer_failures("input check"):
+        dist.broadcast(buf, src)
     raise UsageError(bytes(buf.cpu().tolist()).rstrip(b"\0").decode(errors="replace"))

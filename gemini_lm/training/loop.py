@@ -13,21 +13,28 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from gemini_lm.checkpoint.persistent import check_writable
+from gemini_lm.checkpoint.protocol import Checkpointer
 from gemini_lm.config import Config, num_micro_batches
 from gemini_lm.data.samplers import micro_batches
 from gemini_lm.data.tokenizer import build_tokenizer
 from gemini_lm.errors import UsageError
+from gemini_lm.gemini.topology import machine_id
+from gemini_lm.log import get_logger, setup_logging
 from gemini_lm.models.config import TransformerConfig, pad_vocab_size
+from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.random import model_parallel_seed
 from gemini_lm.parallel.utils import is_tensor_parallel
-from gemini_lm.resilience.handler import failure_handler_for
-from gemini_lm.resilience.timeline import RecoveryTimeline
-from gemini_lm.training.checkpointing import PersistentCheckpointer, check_writable
+from gemini_lm.resilience.handler import FailureHandler
+from gemini_lm.resilience.recovery_report import RecoveryReporter
+from gemini_lm.training.checkpointing import PersistentCheckpointer
 from gemini_lm.training.initialize import all_ranks_or_none, initialize_distributed
 from gemini_lm.training.metrics import MetricsLogger
 from gemini_lm.training.setup import build_training_setup
 from gemini_lm.training.state import TrainState
 from gemini_lm.training.step import evaluate, reduce_mean_over_dp, train_step
+
+log = get_logger(__name__)
 
 
 def build_tokenizer_and_data(cfg: Config):
@@ -94,19 +101,22 @@ def check_output_dirs(cfg: Config, ps) -> None:
         check_writable(cfg.checkpoint.save)
 
 
-def build_checkpointer(cfg: Config, state: TrainState, ps, logger):
+def build_checkpointer(cfg: Config, state: TrainState, ps) -> Checkpointer:
     if cfg.gemini.gemini:
-        from gemini_lm.gemini.checkpointer import Checkpointer
+        from gemini_lm.gemini.checkpointer import Checkpointer as GeminiCheckpointer
 
-        return Checkpointer(cfg, state, ps, logger, job_id=default_job_id(cfg))
-    return PersistentCheckpointer(cfg, state, ps, logger)
+        return GeminiCheckpointer(cfg, state, ps, job_id=default_job_id(cfg))
+    return PersistentCheckpointer(cfg, state, ps)
 
 
 def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
              forward_step: Callable) -> int:
     t_start = time.time()
     ps = initialize_distributed(cfg)
-    failures = failure_handler_for(cfg, ps)   # collective error, hang, SIGTERM → exit EXIT_RESTART
+    setup_logging(ps.rank)
+    # Built right after rendezvous (its construction time is "rendezvous done"): a peer
+    # failure, a hang or SIGTERM from here on → record it and exit EXIT_RESTART.
+    failures = FailureHandler(cfg.logging.log_dir, ps.rank, machine_id(), cfg.gemini.gemini_hang_timeout)
     t = cfg.training
     n_micro = num_micro_batches(cfg, ps.world_size)
     gbs = t.global_batch_size
@@ -142,17 +152,19 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
                            wandb_save_dir=cfg.logging.wandb_save_dir,
                            run_id=default_job_id(cfg), config=cfg.to_dict())
 
-    # The timeline completes the restore's recovery record after the first iteration.
-    timeline = RecoveryTimeline(logger, cfg.logging.log_dir, failures.rendezvous_done_at)
+    # The reporter completes the restore's recovery record after the first iteration.
+    reporter = RecoveryReporter(logger.log_recovery, logger.metrics_path, cfg.logging.log_dir,
+                                failures.rendezvous_done_at, enabled=ps.rank == 0)
     with failures.guard():
-        checkpointer = build_checkpointer(cfg, state, ps, timeline)
-        checkpointer.restore()   # sets progress (iteration, consumed samples), weights, RNG, ...
+        checkpointer = build_checkpointer(cfg, state, ps)
+        # Sets progress (iteration, consumed samples), weights, optimizer, RNG, ...
+        reporter.restored(checkpointer.restore())
     failures.attach(checkpointer)
     failures.start_watchdog()
     start_iteration = progress.iteration
     # Shards count TP times, replicated parameters (LayerNorms, positions) once.
     nparams = sum(p.numel() * (ps.tp_size if is_tensor_parallel(p) else 1) for p in model.parameters())
-    logger.console(
+    log.info(
         f"gemini_lm: world {ps.world_size} (TP {ps.tp_size} x DP {ps.dp_size}) on {ps.device}; "
         f"{tcfg.num_layers} layers, hidden {tcfg.hidden_size}, {nparams / 1e6:.2f}M params; "
         f"global batch {gbs} = {t.micro_batch_size} x {n_micro} micro x {ps.dp_size} DP; "
@@ -176,7 +188,7 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
                              after_update=checkpointer.after_step)
             failures.progress(iteration)
             if iteration == start_iteration + 1:
-                timeline.first_iteration_done(iteration)
+                reporter.first_iteration_done(iteration)
             iter_time = time.perf_counter() - t_iter
             window_iters += 1
             window_loss = window_loss + out.loss.detach()
@@ -190,9 +202,11 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
                           "tokens_per_s": tokens_per_iter / elapsed, "grad_norm": out.grad_norm,
                           "loss_scale": out.loss_scale, "consumed_samples": progress.consumed_samples,
                           **checkpointer.stats()}
+                if out.num_zeros_in_grad is not None:
+                    record["num_zeros_in_grad"] = out.num_zeros_in_grad
                 logger.log_iteration(record)
                 eta = elapsed * (t.train_iters - iteration)
-                logger.console(f"iter {iteration:6d}/{t.train_iters} | loss {loss:.4f} | "
+                log.info(f"iter {iteration:6d}/{t.train_iters} | loss {loss:.4f} | "
                                f"lr {record['lr']:.2e} | {elapsed * 1000:.0f} ms/it | "
                                f"{record['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
             if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.train_iters):
@@ -200,7 +214,7 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
                                num_micro_batches=n_micro, ps=ps)
                 if val is not None:
                     logger.log_eval(iteration, {"loss": val})
-                    logger.console(f"validation at iter {iteration}: loss {val:.4f}")
+                    log.info(f"validation at iter {iteration}: loss {val:.4f}")
             if t.exit_interval and iteration % t.exit_interval == 0:
                 break
         clean = True
@@ -212,6 +226,7 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
         logger.close()
         failures.close()
     if dist.is_initialized():
-        dist.barrier()
+        with peer_failures("final barrier"):
+            dist.barrier()
         dist.destroy_process_group()
     return 0

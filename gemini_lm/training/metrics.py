@@ -1,4 +1,5 @@
-"""Where numbers go: the console, `<log-dir>/metrics.jsonl`, `recovery.jsonl`, and wandb.
+"""Where numbers go: `<log-dir>/metrics.jsonl`, `recovery.jsonl`, and wandb (the console
+is gemini_lm.log's).
 
 Only the logging rank (global rank 0) writes. wandb is optional and offline unless the
 user has configured it (an API key or WANDB_MODE), so a run never needs an account.
@@ -6,20 +7,13 @@ The wandb run id is derived from the job id, so a restarted worker resumes the s
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
+from gemini_lm.log import get_logger
+from gemini_lm.resilience.events import append_jsonl as _append_jsonl
 
-def _append_jsonl(path: str, record: dict) -> None:
-    # One write() of one line: a killed process leaves whole lines behind, not half ones.
-    line = json.dumps(record, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+log = get_logger(__name__)
 
 
 def _wandb_configured() -> bool:
@@ -51,22 +45,13 @@ class MetricsLogger:
                                      id=run_id, resume="allow" if run_id else None,
                                      mode=mode, config=config, settings=wandb.Settings(silent=True))
             if mode == "offline":   # wandb is silenced; say once where the run went
-                print(f"wandb: offline run in {os.path.dirname(self._wandb.dir)} "
-                      f"(upload it with `wandb sync` on that directory)", flush=True)
+                log.info(f"wandb: offline run in {os.path.dirname(self._wandb.dir)} "
+                         f"(upload it with `wandb sync` on that directory)")
             # Plot against our iteration, not wandb's own step: after a recovery the run
             # resumes and logs iterations again that wandb's monotonic step would drop.
             self._wandb.define_metric("iteration")
             for section in ("train", "valid", "recovery"):
                 self._wandb.define_metric(f"{section}/*", step_metric="iteration")
-
-    def console(self, line: str) -> None:
-        if self.enabled:   # one write: lines from background threads never interleave
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-
-    def warn(self, line: str) -> None:
-        if self.enabled:
-            print(f"WARNING: {line}", file=sys.stderr, flush=True)
 
     def log_iteration(self, record: dict) -> None:
         if not self.enabled:

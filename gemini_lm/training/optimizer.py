@@ -11,7 +11,6 @@ A step (`step(iteration)`), as in megatron/core:
      update the loss scale
   3. global L2 norm over the whole model (TP shards summed, replicas counted once), clip
   4. AdamW on the masters, copy masters into the model, zero the gradients
-  5. post-step hooks(iteration)
 
 Adam's state is created eagerly at construction (zeros, step 0, exactly what torch would
 create lazily), so `state_tensors()` has the same names, shapes and dtypes from the first
@@ -20,16 +19,14 @@ iteration on: the GEMINI snapshot layout is decided once.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from gemini_lm.errors import UsageError
+from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.data_parallel import DistributedDataParallel
 from gemini_lm.parallel.state import ParallelState
 from gemini_lm.training.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
@@ -56,7 +53,8 @@ def _all_reduce(tensor: torch.Tensor, group_name: str, ps: ParallelState,
     size, group = (ps.tp_size, ps.tp_group) if group_name == "tp" else (ps.dp_size, ps.dp_group)
     if size == 1:
         return
-    with ps.timeline.span("all_reduce", group_name, tensor.numel() * tensor.element_size()):
+    with peer_failures(f"{group_name.upper()} all-reduce"), \
+            ps.timeline.span("all_reduce", group_name, tensor.numel() * tensor.element_size()):
         dist.all_reduce(tensor, op=op, group=group)
 
 
@@ -109,7 +107,6 @@ class MegatronOptimizer:
         self.grad_scaler = grad_scaler
         self.ddp = ddp
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
-        self._post_step_hooks: OrderedDict[int, Callable[[int], None]] = OrderedDict()
 
         # (name, model param, master). An fp32 param is its own master.
         self._params: list[tuple[str, nn.Parameter, torch.Tensor]] = []
@@ -141,18 +138,6 @@ class MegatronOptimizer:
         """What to call backward() on: the loss times the current loss scale."""
         return loss if self.grad_scaler is None else loss * self.grad_scaler.scale
 
-    def register_post_step_hook(self, fn: Callable[[int], None]) -> RemovableHandle:
-        """Call fn(iteration) at the end of every step(iteration), skipped fp16 steps included.
-
-        At that point the model params, fp32 masters, Adam moments and steps and the loss
-        scale are those after iteration `iteration`'s update, and the grads are zeroed.
-        The LR schedule belongs to the caller: if it is stepped after step() returns, a
-        hook that snapshots training state must not rely on it.
-        """
-        handle = RemovableHandle(self._post_step_hooks)
-        self._post_step_hooks[handle.id] = fn
-        return handle
-
     def zero_grad(self) -> None:
         for _, p, master in self._params:
             p.grad = None
@@ -173,7 +158,6 @@ class MegatronOptimizer:
             loss_scale = self.grad_scaler.scale   # after the update, as Megatron logs it
             if found_inf:
                 self.zero_grad()
-                self._run_post_step_hooks(iteration)
                 return StepResult(False, None, None, loss_scale)
 
         grads_for_norm = [m.grad for _, p, m in self._params if not _is_tp_duplicate(p, self.ps)]
@@ -191,7 +175,6 @@ class MegatronOptimizer:
             if master is not p:
                 p.copy_(master)
         self.zero_grad()
-        self._run_post_step_hooks(iteration)
         return StepResult(True, grad_norm, num_zeros, loss_scale)
 
     def _prepare_master_grads(self) -> list[torch.Tensor]:
@@ -226,12 +209,6 @@ class MegatronOptimizer:
             zeros += (g == 0).sum()
         _all_reduce(zeros, "tp", self.ps)
         return int(zeros.item())
-
-    def _run_post_step_hooks(self, iteration: int) -> None:
-        for fn in list(self._post_step_hooks.values()):
-            fn(iteration)
-
-    # -- state for GEMINI snapshots and persistent checkpoints ---------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every optimizer-side tensor, keyed by stable names. Live tensors, not copies:

@@ -53,7 +53,7 @@ def build_training_setup(cfg: Config, tcfg: TransformerConfig, model_provider: C
                                 clip_grad=t.clip_grad,
                                 precision="bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
                                 loss_scale=t.loss_scale, initial_loss_scale=t.initial_loss_scale,
-                                ddp=ddp)
+                                ddp=ddp, log_num_zeros_in_grad=t.log_num_zeros_in_grad)
     scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr,
                                         lr_warmup_iters=t.lr_warmup_iters,
                                         lr_decay_iters=t.lr_decay_iters,

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gemini_lm.checkpoint.naming import FORMAT
 from gemini_lm.parallel.random import get_rng_state_tensors, set_rng_state_tensors
-
-FORMAT = "gemini_lm/1"
 
 
 @dataclass

@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from gemini_lm.parallel.comm import peer_failures
+
 
 @dataclass
 class StepOutput:
@@ -21,6 +23,7 @@ class StepOutput:
     update_successful: bool
     grad_norm: float | None
     loss_scale: float | None
+    num_zeros_in_grad: int | None = None
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -54,14 +57,15 @@ def train_step(forward_step: Callable, data_iter: Iterator, model, ddp, optimize
     after_update(iteration)
     return StepOutput(torch.stack(losses).mean(), result.update_successful,
                       None if result.grad_norm is None else float(result.grad_norm),
-                      result.loss_scale)
+                      result.loss_scale, result.num_zeros_in_grad)
 
 
 def reduce_mean_over_dp(value: torch.Tensor, ps) -> float:
     """The global mean of a per-rank mean (every DP rank saw the same number of samples)."""
     t = value.detach().float().reshape(1).clone()
     if ps.dp_size > 1:
-        dist.all_reduce(t, group=ps.dp_group)
+        with peer_failures("DP loss all-reduce"):
+            dist.all_reduce(t, group=ps.dp_group)
         t /= ps.dp_size
     return float(t)
 

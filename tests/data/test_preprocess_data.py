@@ -11,6 +11,8 @@ from gemini_lm.data.preprocess import split_sentences
 from gemini_lm.data.tokenizer import build_tokenizer
 from tests.data.conftest import sample_texts, write_jsonl
 
+pytestmark = pytest.mark.slow   # spawns processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -12,6 +12,8 @@ from gemini_lm.data.indexed_dataset import IndexedDataset
 from gemini_lm.data.sample_corpus import DefaultCorpus, ensure_default_corpus
 from gemini_lm.data.tokenizer import build_tokenizer
 
+pytestmark = pytest.mark.slow   # builds the corpus in two processes
+
 
 def _build(queue) -> None:
     corpus = ensure_default_corpus()  # finds the cache through $GEMINI_LM_CACHE

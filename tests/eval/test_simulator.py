@@ -69,6 +69,7 @@ def test_memory_probability_is_the_mixture_of_exact_probabilities():
 
 @pytest.mark.parametrize("method", [Method("gemini", 2), Method("gemini", 3, "ring"), Method("highfreq"),
                                     Method("strawman")])
+@pytest.mark.slow
 def test_monte_carlo_agrees_with_closed_form(method):
     model = tiny_model(machines=8, iteration_s=7.0)   # 1/f not a multiple of t_ckpt: phases matter
     closed = expected_waste(model, method)

@@ -1,17 +1,19 @@
 """GEMINI end to end on real gloo ranks simulating machines: snapshot every iteration,
 replicas on peers by placement, and recovery (local, peer, newest common iteration,
 corrupt copy, persistent fallback, renumbered ranks) continuing bit for bit."""
-import os
 import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from gemini_lm.checkpoint.naming import shard_id
 from gemini_lm.gemini.placement import plan_placement
 from gemini_lm.gemini.store import MemoryStore
-from gemini_lm.gemini.checkpointer import machine_id
+from gemini_lm.gemini.topology import machine_id
 from tests.e2e import read_losses, read_recoveries, run_pretrain, tiny_gpt_args
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 JOB = "t"
 
@@ -63,7 +65,7 @@ def test_every_shard_is_held_by_m_machines(byte_corpus, tmp_path, placement):
     plan = plan_placement(machines, 2, placement)
     held = {m: _verified(_store(tmp_path, m)) for m in machines}
     for tp_rank, owner in enumerate(machines):   # TP=4, one rank per machine: rank r holds tp0r
-        shard = f"tp{tp_rank:02d}"
+        shard = shard_id(tp_rank)
         holders = {m for m in machines if (shard, 3) in held[m]}
         assert holders == set(plan.holders(owner)), (shard, holders)
         checksums = {held[m][(shard, 3)].checksum for m in holders}
@@ -80,58 +82,91 @@ def test_data_parallel_copies_count_toward_m(byte_corpus, tmp_path):
         assert {(r.shard, r.source) for r in recs if r.iteration == 3} == {("tp00", "local"), ("tp01", "local")}
 
 
-def test_recovery_sources_on_two_machines(byte_corpus, tmp_path):
-    """One chain of restarts on TP=2 over 2 machines (m=2: each holds its shard and the
-    other's replica), each continuing bit for bit like the uninterrupted run."""
-    machines = ["m0", "m1"]
-    tp2 = ("--tensor-model-parallel-size", "2")
-    save = ("--save", str(tmp_path / "ck"), "--save-interval", "2")
-    ref_log, ref = _args(byte_corpus, tmp_path / "ref", "ref", 14, "--tensor-model-parallel-size", "2")
-    run_pretrain(tmp_path, ref, world_size=2, machines=machines)
-    reference = dict(read_losses(ref_log))
+# ---- recovery sources, TP=2 over 2 machines (m=2: each holds its shard and the other's replica)
+TP2, MACHINES, BASE_ITERS, ITERS = ("--tensor-model-parallel-size", "2"), ["m0", "m1"], 5, 8
+DROPOUT = ("--hidden-dropout", "0.1", "--attention-dropout", "0.1")   # RNG state must round-trip
 
-    def run(iters, machine_ids=machines, persist=False):
-        log, argv = _args(byte_corpus, tmp_path, f"run{iters}", iters, *tp2, *(save if persist else ()))
-        run_pretrain(tmp_path, argv, world_size=2, machines=machine_ids)
-        recs = read_recoveries(log)
-        for it, loss in read_losses(log):
-            assert loss == reference[it], (iters, it)   # bit for bit
-        return recs[-1] if recs else None
 
-    assert run(5) is None                                       # first start
-    shutil.rmtree(tmp_path / "shm" / JOB / "m0")                # m0's memory is lost
-    rec = run(8)
-    assert (rec["source"], rec["iteration"], rec["peer_ranks"]) == ("peer", 5, [0])
+@pytest.fixture(scope="module")
+def two_machines(byte_corpus, tmp_path_factory):
+    """A failure-free reference of ITERS iterations (a persistent checkpoint of every one),
+    and a run stopped after BASE_ITERS whose memory stores each scenario starts from."""
+    root = tmp_path_factory.mktemp("two_machines")
+    ref_log, ref = _args(byte_corpus, root, "ref", ITERS, *TP2, *DROPOUT,
+                         "--save", str(root / "ref_ck"), "--save-interval", "1")
+    ref = [a.replace(str(root / "shm"), str(root / "ref_shm")) for a in ref]
+    run_pretrain(root, ref, world_size=2, machines=MACHINES)
+    _, base = _args(byte_corpus, root, "base", BASE_ITERS, *TP2, *DROPOUT, "--save", str(root / "base_ck"))
+    run_pretrain(root, base, world_size=2, machines=MACHINES)
+    return root, dict(read_losses(ref_log))
+
+
+def _check(log, root, reference, tmp_path):
+    got = read_losses(log)
+    assert [it for it, _ in got] == list(range(min(it for it, _ in got), ITERS + 1))
+    for it, loss in got:
+        assert loss == reference[it], it                     # bit for bit, dropout on
+    for tp in range(2):                                      # params, Adam moments, schedule, RNG, data
+        name = f"iter_{ITERS:07d}/tp_rank_{tp:02d}.safetensors"
+        a, b = safe_open(str(root / "ref_ck" / name), "pt"), safe_open(str(tmp_path / "ck" / name), "pt")
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    [rec] = read_recoveries(log)
+    return rec
+
+
+def _scenario(byte_corpus, two_machines, tmp_path, damage, machine_ids=MACHINES, disk=False):
+    """Continue the base run to ITERS from a copy of its memory (and, with `disk`, its
+    persistent checkpoint), after `damage`; every loss and the whole final state must
+    equal the reference's. The recovery record."""
+    root, reference = two_machines
+    shutil.copytree(root / "shm", tmp_path / "shm")
+    if disk:
+        shutil.copytree(root / "base_ck", tmp_path / "ck")
+    log, argv = _args(byte_corpus, tmp_path, "run", ITERS, *TP2, *DROPOUT, "--save", str(tmp_path / "ck"))
+    damage(tmp_path)
+    run_pretrain(tmp_path, argv, world_size=2, machines=machine_ids)
+    return _check(log, root, reference, tmp_path)
+
+
+def test_lost_machine_memory_comes_from_its_peer(byte_corpus, two_machines, tmp_path):
+    rec = _scenario(byte_corpus, two_machines, tmp_path,
+                    lambda t: shutil.rmtree(t / "shm" / JOB / "m0"))
+    assert (rec["source"], rec["iteration"], rec["peer_ranks"]) == ("peer", BASE_ITERS, [0])
     assert rec["bytes_moved"] > 0
 
-    # A flipped byte in m0's newest copy of its own shard: detected, m1's replica used.
-    s0 = _store(tmp_path, "m0")
-    newest = max((r for r in s0.records("tp00")), key=lambda r: r.iteration)
-    path = os.path.join(s0.path, f"tp00.{newest.slot}.bin")
-    with open(path, "r+b") as f:
-        f.seek(newest.nbytes - 1)
-        b = f.read(1)
-        f.seek(newest.nbytes - 1)
-        f.write(bytes([b[0] ^ 0xFF]))
-    rec = run(10)
-    assert (rec["source"], rec["iteration"]) == ("peer", 8)
 
-    # Iteration 10 of shard tp01 lost everywhere (a crash mid-write): the newest iteration
-    # complete for every shard is 9.
-    for m in machines:
-        st = _store(tmp_path, m)
-        for r in st.records("tp01"):
-            if r.iteration == 10:
-                st.discard("tp01", r.slot)
-    rec = run(12)
-    assert (rec["source"], rec["iteration"]) == ("local", 9)
+def test_a_corrupt_local_copy_is_skipped_for_the_peer_replica(byte_corpus, two_machines, tmp_path):
+    def flip_a_byte_of_m0s_newest_own_copy(t):
+        store = _store(t, "m0")
+        newest = max(store.records("tp00"), key=lambda r: r.iteration)
+        with open(store.payload_path(newest), "r+b") as f:
+            f.seek(newest.nbytes - 1)
+            b = f.read(1)
+            f.seek(newest.nbytes - 1)
+            f.write(bytes([b[0] ^ 0xFF]))
+    rec = _scenario(byte_corpus, two_machines, tmp_path, flip_a_byte_of_m0s_newest_own_copy)
+    assert (rec["source"], rec["iteration"]) == ("peer", BASE_ITERS)
 
-    # Ranks renumbered: rank 0 now runs on m1, which holds tp00 as a replica.
-    rec = run(13, machine_ids=["m1", "m0"], persist=True)
-    assert (rec["source"], rec["iteration"]) == ("local", 12)
 
-    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000013", "latest_checkpointed_iteration.txt"]
-    # Every copy gone: the persistent checkpoint (written at the end of the last run).
-    shutil.rmtree(tmp_path / "shm" / JOB)
-    rec = run(14, persist=True)
-    assert (rec["source"], rec["iteration"]) == ("persistent", 13)
+def test_the_newest_iteration_complete_for_every_shard_wins(byte_corpus, two_machines, tmp_path):
+    def lose_tp01s_newest_everywhere(t):   # a crash mid-write of iteration 5's shard tp01
+        for m in MACHINES:
+            store = _store(t, m)
+            for r in store.records("tp01"):
+                if r.iteration == BASE_ITERS:
+                    store.discard("tp01", r.slot)
+    rec = _scenario(byte_corpus, two_machines, tmp_path, lose_tp01s_newest_everywhere)
+    assert (rec["source"], rec["iteration"]) == ("local", BASE_ITERS - 1)
+
+
+def test_renumbered_ranks_find_their_shards_by_machine(byte_corpus, two_machines, tmp_path):
+    # Rank 0 now runs on m1, which holds tp00 as a replica: still local, nothing moves.
+    rec = _scenario(byte_corpus, two_machines, tmp_path, lambda t: None, machine_ids=["m1", "m0"])
+    assert (rec["source"], rec["iteration"], rec["bytes_moved"]) == ("local", BASE_ITERS, 0)
+
+
+def test_every_copy_gone_falls_back_to_the_persistent_checkpoint(byte_corpus, two_machines, tmp_path):
+    rec = _scenario(byte_corpus, two_machines, tmp_path, lambda t: shutil.rmtree(t / "shm" / JOB), disk=True)
+    assert (rec["source"], rec["iteration"]) == ("persistent", BASE_ITERS)

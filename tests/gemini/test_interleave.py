@@ -1,12 +1,16 @@
 """Interleaved replication on 4 gloo ranks (4 simulated machines, TP=4, m=2): after
 every iteration past profiling each peer holds a complete, checksum-valid replica of
 the previous one, and recovery from a peer still continues bit for bit."""
+import pytest
 import os
 import shutil
 
+from gemini_lm.checkpoint.naming import shard_id
 from gemini_lm.gemini.store import MemoryStore
 from tests.dist import run_ranks
 from tests.e2e import read_losses, read_metrics, read_recoveries, run_pretrain, tiny_gpt_args
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 MACHINES = ["m0", "m1", "m2", "m3"]
 PROFILE = 3
@@ -30,7 +34,7 @@ def _checking_body(rank, world_size, argv, root):
     import pretrain_gpt
     from gemini_lm.config import parse_config
 
-    shard, seen = f"tp{rank:02d}", []
+    shard, seen = shard_id(rank), []
 
     def forward_step(model, batch):
         seen.append(None)

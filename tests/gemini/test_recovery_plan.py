@@ -1,5 +1,6 @@
 """The recovery plan every rank computes from the published inventories (pure)."""
-from gemini_lm.gemini.recovery import RankInfo, plan_recovery, stale_records
+from gemini_lm.gemini.recovery_plan import plan_recovery, stale_records
+from gemini_lm.gemini.topology import RankInfo
 
 
 def _rec(shard, iteration, layout="L", job="j", checksum=None):

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from gemini_lm.gemini.schedule import (ScheduleInputs, choose_interval, gaps_from_timelines,
-                                       iteration_gaps, plan_schedule)
+from gemini_lm.gemini.schedule import (ScheduleInputs, gaps_from_timelines, iteration_gaps, plan_schedule,
+                                       replication_interval, send_time)
 from gemini_lm.parallel.timeline import CollectiveSpan, IterationTimeline
 
 MB = 1_000_000
@@ -152,31 +152,30 @@ def test_bad_inputs(bad):
         plan_schedule(_inputs(**bad))
 
 
-def test_choose_interval():
-    # ~10.5 MB fit per iteration
-    assert choose_interval(_inputs(peer_bytes={"p": 10 * MB}), 0.03) == 1
-    assert choose_interval(_inputs(peer_bytes={"p": 25 * MB}), 0.03) == 3
-    assert choose_interval(plan_schedule(_inputs(peer_bytes={"p": 0})), 0.03) == 1
+def test_replication_interval():
+    # 15 MB at 1 GB/s take 15 ms: within mu=1 of a 30 ms iteration (the gaps and the
+    # update's start carry it); 45 ms of traffic need two iterations, 61 ms three.
+    assert replication_interval(_inputs(), 0.03) == 1
+    assert replication_interval(_inputs(peer_bytes={"p": 45 * MB}), 0.03) == 2
+    assert replication_interval(_inputs(peer_bytes={"p": 61 * MB}), 0.03) == 3
+    assert replication_interval(_inputs(peer_bytes={"p": 0}), 0.03) == 1
+    # mu shrinks what an iteration may carry; alpha counts once per chunk (1 MB chunks)
+    assert replication_interval(_inputs(mu=0.25), 0.03) == 2
+    assert replication_interval(_inputs(alpha=1e-3), 0.03) == 1       # 15 + 15 ms = 30 ms
+    assert replication_interval(_inputs(alpha=1.1e-3), 0.03) == 2
     with pytest.raises(ValueError):
-        choose_interval(_inputs(gaps=[]), 0.03)
-    with pytest.raises(ValueError):
-        choose_interval(_inputs(), 0.01)  # the iteration cannot end before its update
+        replication_interval(_inputs(mu=0), 0.03)
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_choose_interval_is_smallest_that_fits(seed):
+def test_replication_interval_is_smallest_that_fits(seed):
     rng = random.Random(seed)
-    inp = _inputs(gaps=[(0.001, 0.001 + rng.uniform(1e-4, 5e-3)), (0.01, 0.01 + rng.uniform(0, 5e-3))],
-                  peer_bytes={"a": rng.randint(1, 40 * MB), "b": rng.randint(0, 40 * MB)},
-                  alpha=rng.choice([0.0, 2e-5]), mu=0.8)
-    j = choose_interval(inp, iteration_time_s=0.025)
-    plan = plan_schedule(inp, iterations=j, iteration_time_s=0.025)
-    _check_plan(plan)
-    assert plan.leftover_bytes == 0 and len(plan.gaps) == 2 * j
-    if j > 1:
-        assert plan_schedule(inp, iterations=j - 1, iteration_time_s=0.025).leftover_bytes > 0
-    # gaps of later iterations are the first iteration's, shifted by the iteration time
-    assert plan.gaps[-1][0] == pytest.approx(plan.gaps[1][0] + (j - 1) * 0.025)
+    inp = _inputs(peer_bytes={"a": rng.randint(1, 40 * MB), "b": rng.randint(0, 40 * MB)},
+                  alpha=rng.choice([0.0, 2e-5]), mu=rng.uniform(0.3, 1.0))
+    it = rng.uniform(0.005, 0.05)
+    j = replication_interval(inp, it)
+    assert send_time(inp) <= inp.mu * j * it * (1 + 1e-12)
+    assert j == 1 or send_time(inp) > inp.mu * (j - 1) * it
 
 
 def _timeline(iteration, spans, duration=0.1):

@@ -1,5 +1,6 @@
 """`python pretrain_gpt.py` killed with SIGKILL and started again with the same flags
 resumes from its in-memory snapshot and continues bit for bit."""
+import pytest
 import os
 import signal
 import subprocess
@@ -7,6 +8,8 @@ import sys
 import time
 
 from tests.e2e import ROOT, read_losses, read_recoveries, run_pretrain, tiny_gpt_args
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 
 def _flags(data, tmp_path, log_dir, iters):

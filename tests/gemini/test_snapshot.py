@@ -8,10 +8,10 @@ import safetensors.torch
 from safetensors.torch import load as load_safetensors_bytes
 import torch
 
-from gemini_lm.gemini.checksum import CorruptSnapshotError, checksum
-from gemini_lm.gemini.snapshot import (
-    DATA_ALIGN, SnapshotFormatError, SnapshotLayout, load_into, read_file, read_metadata,
-    read_tensors, write_file_atomic)
+from gemini_lm.checkpoint.checksum import CorruptSnapshotError
+from gemini_lm.checkpoint.snapshot import (
+    DATA_ALIGN, SnapshotFormatError, SnapshotLayout, load_into, read_metadata, read_tensors)
+from gemini_lm.checkpoint.files import file_metadata, read_file_bytes, tensors_from_bytes, write_file_atomic
 
 META = {"format": "gemini-snapshot-1", "config": '{"hidden_size": 8}'}
 
@@ -160,23 +160,26 @@ def test_parse_rejects_malformed_buffers():
         read_tensors(buf[:-1])
 
 
-def test_file_round_trip_with_sidecar(tmp_path):
+def test_persisted_file_is_a_safetensors_file(tmp_path):
+    """A slot's bytes written to disk are read back by the safetensors library itself."""
     state = _state()
     _, buf = _written(state)
-    path = str(tmp_path / "model_optim_rng.safetensors")
-    write_file_atomic(path, buf, checksum=checksum(buf))
-    assert sorted(os.listdir(tmp_path)) == ["model_optim_rng.safetensors", "model_optim_rng.safetensors.xxh3"]
-    tensors, meta = read_file(path)
-    _assert_same(tensors, state)
-    assert meta == META
-    raw = bytearray(open(path, "rb").read())
-    raw[-1] ^= 0x01
-    open(path, "wb").write(raw)
-    with pytest.raises(CorruptSnapshotError, match="checksum"):
-        read_file(path)
-    write_file_atomic(path, buf)                     # no checksum: the stale sidecar must go
-    assert not os.path.exists(path + ".xxh3")
-    _assert_same(read_file(path)[0], state)
+    path = str(tmp_path / "tp_rank_00.safetensors")
+    write_file_atomic(path, buf)
+    assert os.listdir(tmp_path) == ["tp_rank_00.safetensors"]   # no temporary file left
+    _assert_same(tensors_from_bytes(read_file_bytes(path)), state)
+    assert file_metadata(path) == META
+
+
+def test_atomic_write_keeps_the_old_file_when_it_fails(tmp_path):
+    path = str(tmp_path / "manifest.json")
+    write_file_atomic(path, b"old")
+
+    class Exploding:   # a buffer whose bytes cannot be taken: the write fails midway
+        pass
+    with pytest.raises(TypeError):
+        write_file_atomic(path, Exploding())
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["manifest.json"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

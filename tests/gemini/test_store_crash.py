@@ -1,4 +1,5 @@
 """The store across real process deaths: SIGKILL mid-write, and a SIGKILLed reader's pin."""
+import pytest
 import os
 import select
 import signal
@@ -8,8 +9,10 @@ import time
 
 import torch
 
-from gemini_lm.gemini.snapshot import SnapshotLayout
+from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.gemini.store import MemoryStore
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 JOB, MACHINE, SHARD = "job", "m0", "tp00"
 CHUNKS = 8

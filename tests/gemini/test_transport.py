@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gemini_lm.gemini.replicator import Replicator, Route
-from gemini_lm.gemini.snapshot import SnapshotLayout
+from gemini_lm.checkpoint.naming import shard_id
+from gemini_lm.checkpoint.snapshot import SnapshotLayout
+from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.gemini.topology import Route
 from gemini_lm.gemini.transport import DirectTransport, StagedTransport, connect_routes, route_groups
 from tests.dist import run_ranks
 
@@ -84,12 +86,14 @@ def _exchange_body(rank, world_size, device, kind):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_staged_transport_moves_every_byte_both_ways(tmp_path, device):
     run_ranks(_exchange_body, 2, tmp_path, args=(device, "staged"), backend=_backend(device),
               timeout_s=30)
 
 
+@pytest.mark.slow
 def test_direct_transport_moves_every_byte_both_ways(tmp_path):
     run_ranks(_exchange_body, 2, tmp_path, args=("cpu", "direct"), timeout_s=30)
 
@@ -102,7 +106,7 @@ def test_a_chunk_larger_than_a_sub_buffer_is_refused():
 
 def _replicate_body(rank, world_size, device, root):
     dev = _device(device)
-    machine, shard = f"m{rank}", f"tp{rank:02d}"
+    machine, shard = f"m{rank}", shard_id(rank)
     routes = [Route("tp00", 0, 1, "m0", "m1"), Route("tp01", 1, 0, "m1", "m0")]
     backend = "nccl" if device == "cuda" else "gloo"
     groups = route_groups(routes, backend, timeout=None)
@@ -122,7 +126,7 @@ def _replicate_body(rank, world_size, device, root):
         repl.wait()
     dist.barrier()
     repl.close()
-    peer_shard = f"tp{1 - rank:02d}"
+    peer_shard = shard_id(1 - rank)
     [rec] = [r for r in store.records(peer_shard) if r.iteration == 2]
     with store.open(rec, verify=True) as view:   # the sender's checksum, over the received bytes
         got = view.tensors()
@@ -134,6 +138,7 @@ def _replicate_body(rank, world_size, device, root):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_replicas_through_the_staged_transport_are_committed_intact(tmp_path, device):
     run_ranks(_replicate_body, 2, tmp_path, args=(device, str(tmp_path / "shm")), backend=_backend(device),
@@ -151,6 +156,7 @@ def _connect_body(rank, world_size, device):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_connect_routes_opens_every_route_without_deadlock(tmp_path, device):
     assert run_ranks(_connect_body, 3, tmp_path, args=(device,), backend=_backend(device), timeout_s=30) == [True] * 3

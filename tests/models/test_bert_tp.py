@@ -71,6 +71,7 @@ def test_dataset_samples_are_deterministic_and_well_formed(bert_corpus):
                             "1", 48, 7, (10, 0, 0), tok)
 
 
+@pytest.mark.slow
 def test_tp2_equals_tp1(bert_corpus, tmp_path):
     # Same padded vocabulary (512) in both: padding is a multiple of divisible-by x TP.
     ref = run_bert(tmp_path, bert_corpus, "tp1", 1, "--train-iters", "5", "--make-vocab-size-divisible-by", "256")

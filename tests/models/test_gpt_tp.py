@@ -1,5 +1,6 @@
 """GPT at TP=2 against TP=1 on 2 gloo ranks: same seed, same full weights, same loss,
 same (unsharded) gradients."""
+import pytest
 import torch
 
 from gemini_lm.models.config import TransformerConfig
@@ -8,6 +9,8 @@ from gemini_lm.models.hf_gpt2 import full_state_dict, gather_full_tensor, load_f
 from gemini_lm.parallel.random import model_parallel_seed
 from gemini_lm.parallel.state import ParallelState
 from tests.dist import run_ranks
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 SEED = 1234
 

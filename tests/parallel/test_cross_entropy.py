@@ -57,6 +57,7 @@ def _body(rank: int, world_size: int):
     return spans
 
 
+@pytest.mark.slow
 def test_vocab_parallel_cross_entropy_matches_full_at_tp2(tmp_path):
     spans = run_ranks(_body, world_size=2, tmp_path=tmp_path)
     expected = [("all_reduce", "tp", 15 * 4)] * 3            # max, target logit, sum of exp

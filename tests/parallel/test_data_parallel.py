@@ -13,6 +13,7 @@ from gemini_lm.parallel.state import ParallelState
 from gemini_lm.parallel.timeline import CollectiveTimeline
 from tests.dist import run_ranks
 
+
 GLOBAL_BATCH = 8
 BUCKET_MB = 64 * 4 / 2 ** 20   # 64 fp32 elements: one bucket per layer of the model below
 
@@ -99,6 +100,7 @@ def dp2_results(tmp_path_factory):
     return run_ranks(_ranks_body, world_size=2, tmp_path=tmp_path_factory.mktemp("dp2"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype_name,micro_batches", CONFIGS)
 def test_dp2_equals_dp1_with_accumulation(dp2_results, dtype_name, micro_batches):
     dtype = getattr(torch, dtype_name)
@@ -121,6 +123,7 @@ def test_dp2_equals_dp1_with_accumulation(dp2_results, dtype_name, micro_batches
         assert len(spans[-1]) == len(bucket_bytes)
 
 
+@pytest.mark.slow
 def test_buckets_launch_during_backward(dp2_results):
     for result in dp2_results:
         spans, last_ready, backward_done, n_buckets = result["overlap"]

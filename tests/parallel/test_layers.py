@@ -150,6 +150,7 @@ def _layers_body(rank: int, world_size: int):
     return _mlp_timeline(ps)
 
 
+@pytest.mark.slow
 def test_parallel_layers_match_full_layers_at_tp2(tmp_path):
     spans = run_ranks(_layers_body, world_size=2, tmp_path=tmp_path)
     expected = [("all_reduce", "tp", 2 * 4 * 4)] * 2   # row fwd reduce, column bwd copy

@@ -1,4 +1,5 @@
 """The four TP region functions against the math they stand for, on 2 gloo ranks."""
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -59,6 +60,7 @@ def _regions_body(rank: int, world_size: int):
     return [(s.kind, s.group, s.nbytes, s.start <= s.end) for s in it.spans]
 
 
+@pytest.mark.slow
 def test_regions_match_math_and_record_tp_collectives(tmp_path):
     spans = run_ranks(_regions_body, world_size=2, tmp_path=tmp_path)
     expected = [

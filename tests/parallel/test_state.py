@@ -6,6 +6,8 @@ import torch.distributed as dist
 from gemini_lm.parallel.state import ParallelState
 from tests.dist import run_ranks
 
+pytestmark = pytest.mark.slow   # spawns processes
+
 
 def _group_sum(value: int, group) -> int:
     t = torch.tensor([value])

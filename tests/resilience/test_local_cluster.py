@@ -10,10 +10,12 @@ import time
 
 import pytest
 
+from gemini_lm.checkpoint.persistent import latest_iteration
 from gemini_lm.resilience.events import read_jsonl
-from gemini_lm.training.checkpointing import latest_iteration
 from tests.e2e import ROOT, read_recoveries, tiny_gpt_args
 from tests.resilience.cluster import assert_nothing_left
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 CLUSTER = os.path.join(ROOT, "tools", "local_cluster.py")
 INJECT = os.path.join(ROOT, "tools", "inject_failure.py")

@@ -14,6 +14,8 @@ from tests.e2e import read_losses, read_recoveries
 from tests.resilience.cluster import (assert_nothing_left, assert_same_final_state, assert_same_losses,
                                      cluster_state, run_cluster)
 
+pytestmark = pytest.mark.slow   # spawns processes
+
 
 @pytest.fixture(scope="module")
 def reference(byte_corpus, tmp_path_factory) -> str:

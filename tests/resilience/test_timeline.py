@@ -5,11 +5,12 @@ import os
 
 import pytest
 
+from gemini_lm.errors import PeerLostError, ReplicationError
 from gemini_lm.errors import UsageError
 from gemini_lm.resilience.events import append_jsonl, read_jsonl, record_failure, record_injection
-from gemini_lm.resilience.handler import is_collective_failure
+from gemini_lm.resilience.handler import is_peer_failure
 from gemini_lm.resilience.injection import Injection
-from gemini_lm.resilience.timeline import complete_record, summary_line
+from gemini_lm.resilience.recovery_report import complete_record, summary_line
 
 
 def _restore(**kw) -> dict:
@@ -58,12 +59,14 @@ def test_events_are_whole_lines(tmp_path):
     assert read_jsonl(os.path.join(log, "injections.jsonl"))[0]["kind"] == "worker"
 
 
-def test_collective_failures_are_told_from_bugs():
-    assert is_collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
-    assert is_collective_failure(RuntimeError("GEMINI replication failed: RuntimeError('...')"))
-    assert is_collective_failure(TimeoutError("collective timed out"))
-    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not is_collective_failure(ValueError("connection closed"))   # not a communication error type
+def test_peer_failures_are_told_from_bugs_by_type_alone():
+    assert is_peer_failure(PeerLostError("TP all-reduce: connection closed"))
+    assert is_peer_failure(ReplicationError("stream broke"))
+    assert is_peer_failure(TimeoutError("store get timed out"))
+    # The text of a message never decides: a bug that mentions NCCL or gloo stays a bug.
+    assert not is_peer_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert not is_peer_failure(RuntimeError("NCCL error: invalid usage (a bug in the caller)"))
+    assert not is_peer_failure(ValueError("connection closed"))
 
 
 def test_inject_specs():

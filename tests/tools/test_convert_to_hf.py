@@ -2,7 +2,6 @@
 and BERT; the import is a checkpoint pretraining continues from; exported tokenizers load
 with AutoTokenizer offline and give our ids. Models are built from local configs."""
 import os
-import sys
 
 import pytest
 import torch
@@ -12,11 +11,9 @@ from transformers import AutoTokenizer, BertForPreTraining, GPT2LMHeadModel
 from gemini_lm.data.tokenizer import ByteLevelTokenizer, SentencePieceTokenizer, train_sentencepiece
 from gemini_lm.errors import UsageError
 from gemini_lm.inference.hf_tokenizer import save_hf_tokenizer
-from tests.e2e import ROOT, run_pretrain, tiny_gpt_args
+import convert_to_hf
+from tests.e2e import run_pretrain, tiny_gpt_args
 from tests.models import test_bert_hf, test_gpt_hf
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import convert_to_hf  # noqa: E402
 
 
 def _assert_same_state(hf_dir: str, cls, original: dict) -> None:
@@ -44,6 +41,7 @@ def test_hf_to_ours_tp2_to_hf_is_exact(kind, tmp_path):
     assert int(shard["train/iteration"][0]) == 0 and any(k.startswith("optimizer/") for k in shard)
 
 
+@pytest.mark.slow
 def test_import_continues_training(byte_corpus, tmp_path):
     """pretrain_gpt.py --load the import (TP=2): with lr 0 the weights survive a step exactly."""
     torch.manual_seed(0)

@@ -10,6 +10,8 @@ import pytest
 
 from tests.e2e import ROOT
 
+pytestmark = pytest.mark.slow   # spawns processes
+
 TOOL = os.path.join(ROOT, "tools", "evaluate.py")
 
 

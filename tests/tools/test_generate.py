@@ -14,10 +14,8 @@ from gemini_lm.inference.generation import SamplingParams, generate, sample_next
 from tests.dist import run_ranks
 from tests.e2e import ROOT, run_pretrain, tiny_gpt_args
 from tests.models.test_gpt_hf import make_hf, ours_from_hf
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import convert_to_hf  # noqa: E402
-import generate as generate_tool  # noqa: E402
+import convert_to_hf
+import generate as generate_tool
 
 PROMPT = "Checkpoints "   # 12 byte tokens + 20 new fit the 32 positions
 
@@ -49,6 +47,7 @@ def _hf_greedy(hf_dir: str, n: int) -> str:
     return tok.decode(out[0])
 
 
+@pytest.mark.slow
 def test_cli_greedy_equals_hf_generate(trained):
     ckpt, expected = trained
     ours = _tool("generate.py", "--load", ckpt, "--tokenizer-type", "ByteLevelTokenizer", "--prompt", PROMPT,
@@ -57,6 +56,7 @@ def test_cli_greedy_equals_hf_generate(trained):
     assert ours.startswith(PROMPT) and len(ours) > len(PROMPT) + 1
 
 
+@pytest.mark.slow
 def test_cli_uses_the_tokenizer_the_checkpoint_records(trained):
     ckpt, expected = trained   # trained with ByteLevelTokenizer; no tokenizer flags now
     ours = _tool("generate.py", "--load", ckpt, "--prompt", PROMPT, "--max-new-tokens", "20", "--greedy",
@@ -84,6 +84,7 @@ def _generate_body(rank, world_size, ckpt):
     return out.getvalue()
 
 
+@pytest.mark.slow
 def test_tp2_greedy_equals_tp1(trained, tmp_path):
     ckpt, expected = trained
     outputs = run_ranks(_generate_body, 2, tmp_path, args=(ckpt,))
@@ -110,6 +111,7 @@ def test_kv_cache_matches_full_recompute_and_sampling_is_seeded():
     assert sample_next(torch.tensor([[0.0, 9.0, 1.0]]), SamplingParams(greedy=False, top_p=0.5)).item() == 1
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_usage_error(trained):
     ckpt, _ = trained
     args = ["--load", ckpt, "--tokenizer-type", "ByteLevelTokenizer", "--prompt", "x"]

@@ -9,6 +9,8 @@ import pytest
 
 from tests.e2e import ROOT, read_recoveries, tiny_gpt_args
 
+pytestmark = pytest.mark.slow   # spawns processes
+
 TOOL = os.path.join(ROOT, "tools", "plot_recovery.py")
 
 
@@ -26,7 +28,6 @@ def recorded_run(byte_corpus, tmp_path_factory) -> str:
 
 
 def test_renders_a_recorded_run(recorded_run, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     from plot_recovery import load_run, phase_spans, split_repeated
 
     run = load_run(recorded_run)

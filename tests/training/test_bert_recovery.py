@@ -1,6 +1,7 @@
 """BERT under GEMINI recovers from a killed worker bit for bit: SIGKILL `pretrain_bert.py`
 mid-run, start it again with the same flags, and every iteration's loss equals the
 uninterrupted run's. Dropout is on, so this also checks that every RNG comes back."""
+import pytest
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import time
 
 from tests.e2e import ROOT, read_losses, read_recoveries
 from tests.models.test_bert_tp import build_bert_byte_corpus
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 TRAIN_ITERS = 30
 

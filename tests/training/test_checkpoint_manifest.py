@@ -3,8 +3,8 @@ import json
 
 import pytest
 
+from gemini_lm.checkpoint.persistent import read_shard
 from gemini_lm.errors import UsageError
-from gemini_lm.training.checkpointing import read_shard
 
 
 @pytest.mark.parametrize("manifest,message", [

@@ -1,10 +1,13 @@
 """End-to-end equivalence of the training loop: TP=2 == TP=1, DP=2 == DP=1, resume == uninterrupted."""
+import pytest
 import os
 
 import torch
 from safetensors import safe_open
 
 from tests.e2e import read_losses, run_pretrain, tiny_gpt_args
+
+pytestmark = pytest.mark.slow   # spawns processes
 
 
 def _run(tmp_path, data, name, world, *extra):

@@ -42,6 +42,7 @@ def step_metrics(records) -> dict:
             if r.WhichOneof("record_type") == "metric" and r.metric.glob_name}
 
 
+@pytest.mark.slow
 def test_offline_run_under_log_dir_indexed_by_iteration(byte_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_elsewhere"))   # --log-dir wins
@@ -58,6 +59,7 @@ def test_offline_run_under_log_dir_indexed_by_iteration(byte_corpus, tmp_path, m
         <= step_metrics(records).items()
 
 
+@pytest.mark.slow
 def test_iterations_logged_again_after_a_recovery_are_kept(tmp_path, monkeypatch):
     # After a rollback the resumed run logs iterations it has logged before; a wandb `step`
     # would have to grow monotonically and drop them.

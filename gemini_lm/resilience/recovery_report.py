@@ -1,9 +1,9 @@
-"""Recovery timelines: one complete recovery.jsonl record per recovery, written by rank 0.
+"""Recovery reports: one complete recovery.jsonl record per recovery, written by rank 0.
 
 The restore record (gemini/restore.py) knows the retrieval phases but not what came
 before (the failure, its detection, the restart) or after (the first iteration). So the
-checkpointer logs through a RecoveryTimeline that holds the record back, and rank 0
-writes it once the first iteration after the restore completes, joined with:
+training loop hands it to a RecoveryReporter that holds it back and writes it once the
+first iteration after the restore completes, joined with:
 
 - injections.jsonl: the newest injection since the previous recovery (kind, time);
 - failures.jsonl: the first failure event since then (detection time, cause) and the
@@ -20,7 +20,12 @@ from __future__ import annotations
 import os
 import time
 
+from typing import Callable
+
+from gemini_lm.log import get_logger
 from gemini_lm.resilience.events import FAILURES, INJECTIONS, read_jsonl
+
+log = get_logger(__name__)
 
 
 def process_start_time() -> float:
@@ -43,23 +48,42 @@ def _last_logged_iteration(metrics_path: str) -> int | None:
     return last
 
 
-class RecoveryTimeline:
-    """Wraps the MetricsLogger the checkpointer logs through; everything but
-    log_recovery passes straight to it."""
+def is_restart(metrics_path: str) -> bool:
+    """A restart of a job that ran before: torchrun restarted it, or its metrics exist."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return True
+    return os.path.exists(metrics_path)
 
-    def __init__(self, logger, log_dir: str, rendezvous_done_at: float):
-        self._logger, self.log_dir = logger, log_dir
-        self.rendezvous_done_at = rendezvous_done_at
+
+class RecoveryReporter:
+    """Turns the checkpointer's restore record into a console line now and a complete
+    recovery.jsonl record after the first iteration. `write_record(record)` writes it
+    (the metrics logger: rank 0 only); `metrics_path` tells what was logged before."""
+
+    def __init__(self, write_record: Callable[[dict], None], metrics_path: str, log_dir: str,
+                 rendezvous_done_at: float, enabled: bool):
+        self.write_record, self.metrics_path, self.log_dir = write_record, metrics_path, log_dir
+        self.rendezvous_done_at, self.enabled = rendezvous_done_at, enabled
         self.workers_started_at = process_start_time()
         self.pending: dict | None = None
 
-    def __getattr__(self, name):
-        return getattr(self._logger, name)
-
-    def log_recovery(self, record: dict) -> None:
-        """Hold the restore record until the first iteration after it completes."""
+    def restored(self, record: dict | None) -> None:
+        """The restore's record (None: this checkpointer reports none). A fresh first start
+        is not a recovery; a restart that found nothing anywhere is, and says so loudly."""
+        if record is None:
+            return
+        if record["source"] == "none":
+            if not is_restart(self.metrics_path):
+                log.info("GEMINI: no checkpoint in memory or on disk: starting fresh")
+                return
+            if self.enabled:
+                log.warning("GEMINI found no checkpoint in memory and none on disk: "
+                            "STARTING FRESH FROM ITERATION 0")
+        else:
+            log.info(f"GEMINI recovery: iteration {record['iteration']} from {record['source']} "
+                     f"({record['bytes_moved'] / 2**20:.1f} MiB moved) in {record['total_s']:.2f}s")
         self.pending = dict(record)
-        self.pending["last_logged_iteration"] = _last_logged_iteration(self._logger.metrics_path)
+        self.pending["last_logged_iteration"] = _last_logged_iteration(self.metrics_path)
 
     def first_iteration_done(self, iteration: int) -> dict | None:
         """Complete and write the pending record (rank 0 writes; others just drop it)."""
@@ -70,8 +94,9 @@ class RecoveryTimeline:
                               workers_started_at=self.workers_started_at,
                               rendezvous_done_at=self.rendezvous_done_at)
         self.pending = None
-        self._logger.log_recovery(rec)
-        self._logger.console(summary_line(rec))
+        if self.enabled:
+            self.write_record(rec)
+            log.info(summary_line(rec))
         return rec
 
 

@@ -15,10 +15,8 @@ gap-free, as the safetensors validator requires.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import struct
 import sys
 import warnings
@@ -26,11 +24,10 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-from gemini_lm.gemini.checksum import CorruptSnapshotError, as_memoryview, verify
+from gemini_lm.checkpoint.checksum import CorruptSnapshotError, as_memoryview
 
 DATA_ALIGN = 4096          # data starts on a page: cheap to map, register or O_DIRECT
 MAX_HEADER_BYTES = 100_000_000   # the safetensors library's own limit
-CHECKSUM_SUFFIX = ".xxh3"        # sidecar of a persisted file: its xxh3-64 hex digest
 
 # torch dtype <-> safetensors dtype string.
 _TO_ST: dict[torch.dtype, str] = {
@@ -245,66 +242,3 @@ def load_into(tensors_dst: Mapping[str, torch.Tensor], buf) -> None:
         if dst.dtype != s.dtype or dst.shape != s.shape:
             raise ValueError(f"{name}: snapshot has {s.dtype} {list(s.shape)}, state has {dst.dtype} {list(dst.shape)}")
         dst.copy_(s)
-
-
-# ---- persisted files: the same bytes on durable storage ------------------------------------
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_file_atomic(path: str, buffer, checksum: str | None = None) -> None:
-    """Write `buffer` (a snapshot) to `path` durably and atomically: tmp, fsync, rename.
-
-    With `checksum` (e.g. the commit record's), a sidecar `path + ".xxh3"` is written
-    after the data, and any older sidecar is removed first so it can never vouch for
-    new data.
-    """
-    sidecar = path + CHECKSUM_SUFFIX
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sidecar)
-    _write_durable(path, as_memoryview(buffer))
-    if checksum is not None:
-        _write_durable(sidecar, (checksum + "\n").encode())
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a persisted snapshot: (tensors, metadata), checking the sidecar checksum if present.
-
-    The tensors are views of one private buffer holding the file; nothing is unpickled.
-    """
-    with open(path, "rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
-        view, got = memoryview(data), 0
-        while got < len(data):
-            n = f.readinto(view[got:])
-            if not n:
-                raise CorruptSnapshotError(f"{path}: file shrank while reading")
-            got += n
-    try:
-        with open(path + CHECKSUM_SUFFIX) as f:
-            expected = f.read().strip()
-    except FileNotFoundError:
-        expected = None
-    if expected is not None:
-        verify(data, expected, what=path)
-    layout = SnapshotLayout.parse(data)
-    return layout.read(data), layout.metadata

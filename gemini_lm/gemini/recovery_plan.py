@@ -1,4 +1,4 @@
-"""Recovery planning and retrieval: which iteration everyone resumes from, and from where.
+"""Recovery planning: which iteration everyone resumes from, and from where (restore.py executes it).
 
 At start-up every rank publishes who it is (rank, machine, shard, the layout hash of its
 state) and what its machine's store holds. From that one table every rank computes the
@@ -18,13 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int
-    machine: str
-    shard: str
-    layout_hash: str
+from gemini_lm.gemini.topology import RankInfo, machine_leaders
 
 
 @dataclass
@@ -44,14 +38,6 @@ class RecoveryPlan:
     source: dict = field(default_factory=dict)      # rank -> "local" | "peer"
     fetches: list = field(default_factory=list)     # Fetch, in a global order every rank agrees on
     records: dict = field(default_factory=dict)     # (machine, shard) -> record dict at `iteration`
-
-
-def machine_leaders(ranks: list[RankInfo]) -> dict[str, int]:
-    """The lowest rank of each machine: it reads and serves that machine's store."""
-    leaders: dict[str, int] = {}
-    for r in sorted(ranks, key=lambda r: r.rank):
-        leaders.setdefault(r.machine, r.rank)
-    return leaders
 
 
 def plan_recovery(ranks: list[RankInfo], inventories: dict[str, list[dict]], job_id: str) -> RecoveryPlan:
