@@ -145,8 +145,8 @@ class Checkpointer:
         # training thread: the loop is blocked only for the copy into shared memory (on
         # CUDA, only for queueing it).
         self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate, copied)
-        if replicate and not self.traffic.interleave:
-            wait_s += self._drain()   # the blocking baseline: the step waits for its traffic
+        if replicate and self.traffic.blocking(iteration):
+            wait_s += self._drain()   # the blocking schedule: the step waits for its traffic
         self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_wait_s": wait_s,
                        "gemini_blocking_s": time.perf_counter() - t0,
                        "gemini_snapshot_bytes": self.layout.nbytes}
@@ -171,7 +171,7 @@ class Checkpointer:
         rec = self.store.commit(w, iteration)
         self.last_record = rec
         if replicate:
-            self.traffic.maybe_plan(self._peer_bytes)
+            self.traffic.maybe_plan(self._peer_bytes, iteration)
             self.replicator.submit(self.store.open(rec, verify=False), self.ps.shard_id,
                                    chunker=self.traffic.chunks)
         c = self.cfg.checkpoint

@@ -2,10 +2,13 @@
 
 Phases of a run, with `--gemini-interleave on`:
 
-1. Profiling (`--gemini-profile-iters`): no replication. The collective timeline records
-   every TP/DP collective and when each optimizer update starts.
-2. Measuring: the first replicated snapshot goes eagerly; the replicator reports how long
-   its header (≈ α, the per-message cost) and each chunk took, giving the bandwidth B.
+1. Profiling (`--gemini-profile-iters`): the collective timeline records every TP/DP
+   collective and when each optimizer update starts. Meanwhile every snapshot is
+   replicated with the blocking schedule — sent eagerly after the step, the next
+   iteration waiting for it — so a machine lost in the first iterations still has a peer
+   copy, and the profiled iterations see no checkpoint traffic inside them.
+2. Measuring: those sends report how long their header (≈ α, the per-message cost) and
+   each chunk took, giving the bandwidth B.
 3. Interleaving: gaps = robust (median) idle gaps of the profiled iterations; the pure
    planner (schedule.py) fills them with chunks of R/p bytes, the rest goes when the
    update begins. The snapshot of iteration k is sent during iteration k+1. If sending it
@@ -57,9 +60,15 @@ class TrafficScheduler:
     def replicate(self, iteration: int) -> bool:
         """Called once per snapshot: does this one go to the peers?"""
         if iteration <= self.profile_iters:
-            return False
+            return True   # blocking (see blocking()) until the plan can exist
         self._replicable += 1
         return (self._replicable - 1) % self.every == 0
+
+    def blocking(self, iteration: int) -> bool:
+        """Does the step wait for this replicated snapshot's traffic? Always with
+        interleaving off (the paper's blocking baseline); while profiling, so the
+        profiled iterations carry no checkpoint traffic."""
+        return not self.interleave or iteration <= self.profile_iters
 
     # ---- measurements from the replicator ---------------------------------------------
     def observe(self, header_s: float, chunks: list[tuple[int, float]]) -> None:
@@ -81,9 +90,12 @@ class TrafficScheduler:
         return statistics.median(self.bandwidth_samples) if self.bandwidth_samples else math.inf
 
     # ---- the plan ---------------------------------------------------------------------
-    def maybe_plan(self, peer_bytes: dict[str, int]) -> None:
-        if not self.interleave or self.plan is not None or len(self.alpha_samples) < 1 \
-                or len(self.bandwidth_samples) < _MIN_SAMPLES:
+    def maybe_plan(self, peer_bytes: dict[str, int], iteration: int) -> None:
+        """Plan, if it is time, the traffic from snapshot `iteration` on. Never while
+        profiling: a profiled snapshot is waited for (blocking), so gating its chunks on a
+        later iteration would deadlock the step."""
+        if not self.interleave or self.plan is not None or iteration <= self.profile_iters \
+                or len(self.alpha_samples) < 1 or len(self.bandwidth_samples) < _MIN_SAMPLES:
             return
         profiled = [it for it in self.timeline.iterations() if it.iteration <= self.profile_iters
                     and it.update_start is not None]
@@ -109,7 +121,7 @@ class TrafficScheduler:
     def chunks(self, peer: str, nbytes: int, iteration: int) -> list[tuple[int, int, tuple | None]]:
         """[(offset, size, when)] for sending `nbytes` of snapshot `iteration` to `peer`;
         when = (iteration to wait for, seconds into it, or None for "its update began")."""
-        if self.plan is None or not self.interleave:
+        if self.plan is None or self.blocking(iteration):
             return fixed_chunks(nbytes, self.chunk_bytes)
         plan, out = self.plan, []
         per_iter = max(1, len(plan.gaps) // plan.iterations)

@@ -1,6 +1,7 @@
-"""Interleaved replication on 4 gloo ranks (4 simulated machines, TP=4, m=2): after
-every iteration past profiling each peer holds a complete, checksum-valid replica of
-the previous one, and recovery from a peer still continues bit for bit."""
+"""Replication on 4 gloo ranks (4 simulated machines, TP=4, m=2): while profiling, each
+snapshot is on its peer before the next iteration starts (the blocking schedule); past
+profiling, each peer holds a complete, checksum-valid replica of the previous one at the
+start of every iteration (interleaved); recovery from a peer continues bit for bit."""
 import pytest
 import os
 import shutil
@@ -29,7 +30,8 @@ def _argv(data, tmp_path, name, iters, *extra):
 
 def _checking_body(rank, world_size, argv, root):
     """pretrain_gpt on this rank, checking at the start of every iteration k+1 that the
-    replica of snapshot k-1 of this rank's shard is committed and intact on m machines."""
+    replica of snapshot k (while profiling) or k-1 (interleaved: snapshot k travels during
+    iteration k+1) of this rank's shard is committed and intact on m machines."""
     os.environ["GEMINI_MACHINE_ID"] = MACHINES[rank]
     import pretrain_gpt
     from gemini_lm.config import parse_config
@@ -40,15 +42,16 @@ def _checking_body(rank, world_size, argv, root):
         seen.append(None)
         it = len(seen)            # this forward belongs to iteration `it` (one micro-batch)
         k = it - 1                # the iteration that just completed
-        if k - 1 > PROFILE:       # snapshots from PROFILE+1 on are replicated
+        due = k if k <= PROFILE else k - 1
+        if due >= 1:              # a peer copy from the very first snapshot on
             holders = []
             for m in MACHINES:
                 store = MemoryStore(root, "j", m)
                 for rec in store.records(shard):
-                    if rec.iteration == k - 1:
+                    if rec.iteration == due:
                         with store.open(rec, verify=True):
                             holders.append(m)
-            assert len(holders) == 2, (shard, k - 1, holders)
+            assert len(holders) == 2, (shard, due, holders)
         return pretrain_gpt.gpt_forward_step(model, batch)
 
     cfg = parse_config(argv, world_size=world_size)

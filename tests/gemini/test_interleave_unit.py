@@ -60,13 +60,17 @@ def _check_covers(chunks, nbytes: int) -> None:
 
 
 # ---- which snapshots travel ---------------------------------------------------------------
-def test_profiling_iterations_are_not_replicated():
+def test_every_snapshot_has_a_peer_copy_from_the_first_iteration():
     ts = _scheduler()
-    assert [ts.replicate(i) for i in range(1, PROFILE + 1)] == [False] * PROFILE
+    # While profiling, snapshots travel with the blocking schedule: never a window in which
+    # a lost machine has no copy anywhere, and no traffic inside the profiled iterations.
+    assert [ts.replicate(i) for i in range(1, PROFILE + 1)] == [True] * PROFILE
+    assert [ts.blocking(i) for i in range(1, PROFILE + 1)] == [True] * PROFILE
     assert [ts.replicate(i) for i in range(PROFILE + 1, PROFILE + 6)] == [True] * 5
-    # The blocking baseline has nothing to profile: it replicates from the first snapshot on.
+    assert not any(ts.blocking(i) for i in range(PROFILE + 1, PROFILE + 6))
+    # The blocking baseline has nothing to profile: every snapshot travels and is waited for.
     off = _scheduler("off")
-    assert off.replicate(1) and off.replicate(2)
+    assert off.replicate(1) and off.replicate(2) and off.blocking(1) and off.blocking(50)
 
 
 # ---- measurements -------------------------------------------------------------------------
@@ -81,7 +85,7 @@ def test_alpha_and_bandwidth_from_observed_sends():
 
 def test_measurements_stop_once_planned_or_unused():
     ts = _measured(_scheduler())
-    ts.maybe_plan({"m1": 8 * 10**6})
+    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
     assert ts.plan is not None
     kept = (len(ts.alpha_samples), len(ts.bandwidth_samples))
     for _ in range(100):                               # every later snapshot of a long run
@@ -103,15 +107,28 @@ def test_eager_chunks_before_a_plan():
     assert ts.chunks("m1", 0, iteration=PROFILE + 1) == []
 
 
+def test_no_plan_and_no_gated_chunk_while_profiling():
+    # Profiled snapshots travel with the blocking schedule and supply the measurements;
+    # a plan made then would gate a chunk on an iteration the waiting step cannot reach.
+    ts = _measured(_scheduler())
+    for it in range(1, PROFILE + 1):
+        ts.maybe_plan({"m1": 8 * 10**6}, it)
+        assert ts.plan is None
+        assert all(when is None for _, _, when in ts.chunks("m1", 8 * 10**6, it))
+    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
+    assert ts.plan is not None
+    assert all(when is None for _, _, when in ts.chunks("m1", 8 * 10**6, PROFILE))   # a late one still goes at once
+
+
 def test_no_plan_without_measurements_or_with_interleaving_off():
     ts = _scheduler()
-    ts.maybe_plan({"m1": 8 * 10**6})
+    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
     assert ts.plan is None                            # nothing measured yet
     ts.observe(ALPHA, [(MIB, ALPHA + MIB / BANDWIDTH)])
-    ts.maybe_plan({"m1": 8 * 10**6})
+    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
     assert ts.plan is None                            # one bandwidth sample is not enough
     off = _measured(_scheduler("off"))
-    off.maybe_plan({"m1": 8 * 10**6})
+    off.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
     assert off.plan is None
     assert all(when is None for _, _, when in off.chunks("m1", 8 * 10**6, 5))
 
@@ -122,7 +139,7 @@ def test_plan_fills_the_gaps_of_the_next_iteration_and_leaves_the_rest_for_its_u
     ts = _measured(_scheduler(logs=logs))
     nbytes = 8 * 10**6          # 80 ms to send: more than the gaps offer (64 ms), less than mu*120 ms
     assert ts.replicate(PROFILE + 1)
-    ts.maybe_plan({"m1": nbytes, "m2": 10**6})
+    ts.maybe_plan({"m1": nbytes, "m2": 10**6}, PROFILE + 1)
     assert ts.plan is not None and ts.every == 1
     assert [line for line in logs if "interleaving plan" in line]
     assert not [line for line in logs if "every" in line and "iterations" in line]
@@ -155,7 +172,7 @@ def test_a_checkpoint_slower_than_an_iteration_goes_every_j_iterations():
     nbytes = 20 * 10**6         # ~200 ms to send, mu * iteration = 96 ms: j = 3
     first = PROFILE + 1
     assert ts.replicate(first)
-    ts.maybe_plan({"m1": nbytes})
+    ts.maybe_plan({"m1": nbytes}, PROFILE + 1)
     send_s = math.ceil(nbytes / ts.chunk_bytes) * ALPHA + nbytes / BANDWIDTH
     j = math.ceil(send_s / (0.8 * ITERATION_S))
     assert j == 3 and ts.every == j and ts.plan.iterations == j
@@ -185,7 +202,7 @@ def test_the_cadence_restarts_at_the_planned_snapshot():
     first = PROFILE + 1
     assert ts.replicate(first)                     # eager (no plan yet)
     assert ts.replicate(first + 1)
-    ts.maybe_plan({"m1": 20 * 10**6})             # j = 3, planned on snapshot first + 1
+    ts.maybe_plan({"m1": 20 * 10**6}, first + 1)  # j = 3, planned on snapshot first + 1
     assert ts.every == 3
     assert [ts.replicate(i) for i in range(first + 2, first + 8)] == [False, False, True] * 2
 

@@ -17,7 +17,7 @@ def train_args(corpus: str, log_dir: str, *extra: str) -> list[str]:
     # shard exists only as its peer's replica (with DP instead, every machine holds all).
     return tiny_gpt_args(corpus, log_dir, "--train-iters", str(TRAIN_ITERS),
                          "--tensor-model-parallel-size", "2",
-                         "--gemini-profile-iters", "2",   # replication starts at iteration 3
+                         "--gemini-profile-iters", "2",   # blocking replication, interleaved from iteration 3
                          *extra)
 
 
