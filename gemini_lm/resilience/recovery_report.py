@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-
 from typing import Callable
 
 from gemini_lm.log import get_logger
@@ -28,15 +27,20 @@ from gemini_lm.resilience.events import FAILURES, INJECTIONS, read_jsonl
 log = get_logger(__name__)
 
 
-def process_start_time() -> float:
-    """When this process was created (the agent's restart), from /proc; now if unknown."""
+def process_start_time(pid: int | str = "self") -> float:
+    """When a process was created (for a worker: the agent's restart), from /proc; now if unknown.
+
+    Its start in clock ticks since boot, against /proc/uptime read at the same moment: the
+    boot time in /proc/stat has whole seconds only, which put up to a second of "restart"
+    into the next phase.
+    """
     try:
-        with open("/proc/self/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            now, uptime = time.time(), float(f.read().split()[0])
+        return now - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 

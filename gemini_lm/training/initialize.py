@@ -36,6 +36,20 @@ def collective_timeout(cfg: Config) -> datetime.timedelta:
     return datetime.timedelta(minutes=p.distributed_timeout_minutes)
 
 
+def restart_scoped_agent_store(timeout: datetime.timedelta) -> dist.Store:
+    """The torchrun agent's store, under a key prefix of this restart's own.
+
+    Under torchrun's static rendezvous (and a shared c10d store) workers use the agent's
+    store, which outlives every restart: gloo's rank addresses from the previous restart
+    are still there, and a new rank that looks before its peer rewrote them connects to
+    a dead port ("connectFullMesh failed ... Connection refused", about half the restarts
+    here). A fresh prefix per TORCHELASTIC_RESTART_COUNT leaves nothing stale to read.
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"gemini_lm/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
 def initialize_distributed(cfg: Config) -> ParallelState:
     """Join the world (torchrun env vars if present) and build the TP/DP groups."""
     device = resolve_device(cfg)
@@ -54,6 +68,9 @@ def initialize_distributed(cfg: Config) -> ParallelState:
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             kwargs = {"device_id": device} if "nccl" in backend else {}
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                kwargs.update(store=restart_scoped_agent_store(timeout), rank=int(os.environ["RANK"]),
+                              world_size=int(os.environ["WORLD_SIZE"]))
             dist.init_process_group(backend, timeout=timeout, **kwargs)
         else:
             # `python pretrain_gpt.py`: a world of one, no rendezvous needed.

@@ -29,6 +29,7 @@ from gemini_lm.errors import UsageError
 from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.data_parallel import DistributedDataParallel
 from gemini_lm.parallel.state import ParallelState
+from gemini_lm.training.adamw import ForeachAdamW
 from gemini_lm.training.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,9 +122,11 @@ class MegatronOptimizer:
         no_decay = [m for n, p, m in self._params if _is_no_decay(n, p)]
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        kernel = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        self.adam = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernel)
-        _init_adam_state(self.adam)
+        if self.device.type == "cuda":
+            self.adam = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+            _init_adam_state(self.adam)
+        else:   # torch.optim would import torch._dynamo: seconds of every restart (adamw.py)
+            self.adam = ForeachAdamW(groups, lr=lr, betas=betas, eps=eps)
 
     @property
     def param_groups(self) -> list[dict]:
