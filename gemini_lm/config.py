@@ -5,7 +5,7 @@ are `--foo-bar`, booleans defaulting to True are `--no-foo-bar` (their help says
 `--no-` flag does). `parse_config()` builds the parser from the dataclasses, so a flag and
 its field can never drift apart, then validates the combination and raises `UsageError`
 (one line, exit 2 in the entry point). A help that states its own default ("(default: ...)")
-is shown as written; otherwise a default other than None is appended.
+is shown as written; otherwise the default is appended, unless it is None or a flag's.
 """
 from __future__ import annotations
 
