@@ -1,9 +1,11 @@
 """Typed configuration: dataclass sections whose fields become Megatron-style flags.
 
 Every field `foo_bar` of a section is the flag `--foo-bar`; booleans defaulting to False
-are `--foo-bar`, booleans defaulting to True are `--no-foo-bar`. `parse_config()` builds
-the parser from the dataclasses, so a flag and its field can never drift apart, then
-validates the combination and raises `UsageError` (one line, exit 2 in the entry point).
+are `--foo-bar`, booleans defaulting to True are `--no-foo-bar` (their help says what the
+`--no-` flag does). `parse_config()` builds the parser from the dataclasses, so a flag and
+its field can never drift apart, then validates the combination and raises `UsageError`
+(one line, exit 2 in the entry point). A help that states its own default ("(default: ...)")
+is shown as written; otherwise the default is appended, unless it is None or a flag's.
 """
 from __future__ import annotations
 
@@ -15,24 +17,36 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gemini_lm.errors import UsageArgumentParser, UsageError
+from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError
+from gemini_lm.models.config import MODEL_PRESETS, TransformerConfig
 
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _from_preset(name: str) -> str:
+    """'from --model-size: tiny 4, gpt2 12, ...': a size's default, read from the presets."""
+    return "from --model-size: " + ", ".join(f"{size} {preset[name]}" for size, preset in MODEL_PRESETS.items())
+
+
+def _model_default(name: str):
+    return next(f.default for f in dataclasses.fields(TransformerConfig) if f.name == name)
+
+
 @dataclass
 class ModelConfig:
-    model_size: str = _f("tiny", "preset for the unset sizes below", choices=["tiny", "gpt2", "gpt2-medium"])
-    num_layers: int | None = _f(None, "transformer layers")
-    hidden_size: int | None = _f(None, "hidden size")
-    num_attention_heads: int | None = _f(None, "attention heads")
-    ffn_hidden_size: int | None = _f(None, "MLP hidden size (default 4*hidden)")
-    seq_length: int | None = _f(None, "tokens per sample")
-    max_position_embeddings: int | None = _f(None, "position table size (default seq-length)")
-    hidden_dropout: float | None = _f(None, "dropout on hidden states")
-    attention_dropout: float | None = _f(None, "dropout on attention probabilities")
+    model_size: str = _f("tiny", "preset for the sizes not given", choices=list(MODEL_PRESETS))
+    num_layers: int | None = _f(None, f"transformer layers (default: {_from_preset('num_layers')})")
+    hidden_size: int | None = _f(None, f"hidden size (default: {_from_preset('hidden_size')})")
+    num_attention_heads: int | None = _f(None, f"attention heads (default: {_from_preset('num_attention_heads')})")
+    ffn_hidden_size: int | None = _f(None, "MLP hidden size (default: 4 x --hidden-size)")
+    seq_length: int | None = _f(None, "tokens per sample (default: --max-position-embeddings)")
+    max_position_embeddings: int | None = _f(None, "position table size (default: --seq-length if given, "
+                                                   f"else {_from_preset('max_position_embeddings')})")
+    hidden_dropout: float | None = _f(None, f"dropout on hidden states (default: {_model_default('hidden_dropout')})")
+    attention_dropout: float | None = _f(None, "dropout on attention probabilities "
+                                               f"(default: {_model_default('attention_dropout')})")
     init_method_std: float = _f(0.02, "std of the normal weight init")
     make_vocab_size_divisible_by: int = _f(128, "pad the vocabulary to a multiple of this times TP")
 
@@ -49,13 +63,13 @@ class ParallelConfig:
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = _f(4, "samples per micro-batch per data-parallel rank")
-    global_batch_size: int | None = _f(None, "samples per iteration (default micro * dp)")
+    global_batch_size: int | None = _f(None, "samples per iteration (default: --micro-batch-size x data-parallel size)")
     train_iters: int = _f(300, "iterations to train")
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-4, "learning rate at the end of decay")
     lr_decay_style: str = _f("cosine", "decay after warmup", choices=["constant", "linear", "cosine"])
     lr_warmup_iters: int = _f(30, "linear warmup iterations")
-    lr_decay_iters: int | None = _f(None, "decay length (default train-iters)")
+    lr_decay_iters: int | None = _f(None, "decay length (default: --train-iters)")
     weight_decay: float = _f(0.1, "AdamW decay (not on biases and norms)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.95, "AdamW beta2")
@@ -64,7 +78,7 @@ class TrainingConfig:
     log_num_zeros_in_grad: bool = _f(False, "log the number of zero gradient entries")
     bf16: bool = _f(False, "bf16 params with fp32 master weights")
     fp16: bool = _f(False, "fp16 params, fp32 masters, dynamic loss scaling")
-    loss_scale: float | None = _f(None, "static loss scale for fp16 (default dynamic)")
+    loss_scale: float | None = _f(None, "static loss scale for fp16 (default: dynamic)")
     initial_loss_scale: float = _f(2.0 ** 16, "initial dynamic loss scale")
     seed: int = _f(1234, "seed for weights, dropout and data order")
     eval_interval: int = _f(100, "validate every this many iterations (0 = never)")
@@ -74,9 +88,10 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    data_path: str | None = _f(None, "prefix of a .bin/.idx pair (default: the bundled sample corpus)")
+    data_path: str | None = _f(None, "prefix of a .bin/.idx pair, or either file (default: the bundled sample corpus)")
     split: str = _f("969,30,1", "train,valid,test weights")
-    tokenizer_type: str | None = _f(None, "SentencePieceTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer | ByteLevelTokenizer")
+    tokenizer_type: str | None = _f(None, "SentencePieceTokenizer | HuggingFaceTokenizer | GPT2BPETokenizer | "
+                                           "ByteLevelTokenizer (default: the bundled corpus's; needed with --data-path)")
     tokenizer_model: str | None = _f(None, "sentencepiece model file or Hugging Face tokenizer directory")
     vocab_file: str | None = _f(None, "GPT-2 BPE vocab.json")
     merge_file: str | None = _f(None, "GPT-2 BPE merges.txt")
@@ -101,7 +116,8 @@ class LoggingConfig:
 
 @dataclass
 class GeminiConfig:
-    gemini: bool = _f(True, "take an in-memory GEMINI checkpoint every --gemini-interval iterations")
+    gemini: bool = _f(True, "turn GEMINI off: no in-memory checkpoints (without this flag, one every "
+                            "--gemini-interval iterations)")
     gemini_interval: int = _f(1, "iterations between in-memory checkpoints")
     gemini_store_dir: str = _f("/dev/shm/gemini_lm", "root of the shared-memory store")
     gemini_job_id: str | None = _f(None, "job id (default: torchrun's run id, else from --log-dir)")
@@ -120,6 +136,10 @@ class GeminiConfig:
                                        "through the reserved GPU buffer, gloo = host to host (auto: gloo)",
                                choices=["auto", "gloo", "nccl"])
 
+
+# The help's group title of each section.
+TITLES = {"model": "model", "parallel": "parallelism", "training": "training", "data": "data and tokenizer",
+          "checkpoint": "persistent checkpoints", "logging": "logging", "gemini": "GEMINI in-memory checkpoints"}
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig,
             "data": DataConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
@@ -147,17 +167,21 @@ def _flag_type(annotation) -> type:
     return args[0] if args else annotation
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    group = parser.add_argument_group(cls.__name__)
+def _add_dataclass_args(parser: argparse.ArgumentParser, title: str, cls,
+                        only: dict[str, str | None] | None) -> None:
+    # A tool's few flags need no section titles ("training" over a lone --seed misleads).
+    group = parser.add_argument_group(title) if only is None else parser
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
+        help_ = (only or {}).get(f.name) or f.metadata.get("help", "")
         kind = _flag_type(hints[f.name])
         if kind is bool:
             if f.default:
                 group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
-                                   action="store_false", help=help_ + " (on by default)")
+                                   action="store_false", help=help_)
             else:
                 group.add_argument(flag, dest=f.name, action="store_true", help=help_)
             continue
@@ -165,23 +189,30 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
                            choices=f.metadata.get("choices"), help=help_)
 
 
-def build_parser(extra_args_provider: Callable | None = None, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = UsageArgumentParser(prog=prog, description="gemini_lm pretraining",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for cls in SECTIONS.values():
-        _add_dataclass_args(parser, cls)
+def build_parser(extra_args_provider: Callable | None = None, prog: str | None = None,
+                 only: dict[str, str | None] | None = None,
+                 description: str = "gemini_lm pretraining") -> argparse.ArgumentParser:
+    """`only`: the fields a tool uses, each with its help there (None: the field's own),
+    listed untitled; the other fields are no flags and keep their defaults."""
+    # usage: one line; the help lists every flag below it
+    parser = UsageArgumentParser(prog=prog, usage="%(prog)s [options]", description=description,
+                                 formatter_class=HelpFormatter)
+    for name, cls in SECTIONS.items():
+        _add_dataclass_args(parser, TITLES[name], cls, only)
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser
 
 
 def parse_config(argv: list[str] | None = None, extra_args_provider: Callable | None = None,
-                 world_size: int | None = None) -> Config:
-    parser = build_parser(extra_args_provider, prog=os.path.basename(sys.argv[0]))
+                 world_size: int | None = None, only: dict[str, str | None] | None = None,
+                 description: str = "gemini_lm pretraining") -> Config:
+    parser = build_parser(extra_args_provider, prog=os.path.basename(sys.argv[0]), only=only,
+                          description=description)
     ns = vars(parser.parse_args(argv))
     sections = {}
     for name, cls in SECTIONS.items():
-        sections[name] = cls(**{f.name: ns.pop(f.name) for f in dataclasses.fields(cls)})
+        sections[name] = cls(**{f.name: ns.pop(f.name) for f in dataclasses.fields(cls) if f.name in ns})
     cfg = Config(**sections, extra=ns)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

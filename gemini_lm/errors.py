@@ -43,6 +43,19 @@ class UsageArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """States an option's default once: appended unless its help already states it, or
+    there is nothing to state (None, a flag's True/False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("(default" in text or not action.option_strings or default is None or default == []
+                or isinstance(default, bool) or default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def run_cli(main: Callable[[], int | None], hard_exit: bool = False) -> None:
     """Run an entry point: UsageError → one line + exit 2, otherwise main's exit code.
 

@@ -21,7 +21,7 @@ ALLOWED = {
     "models": {"parallel", "errors"},
     "gemini": {"checkpoint", "parallel", "errors", "log"},
     "resilience": {"checkpoint", "errors", "log"},
-    "config": {"errors"},
+    "config": {"errors", "models"},   # models: the presets the size flags' help states
     "training": {"checkpoint", "parallel", "models", "data", "gemini", "resilience", "errors", "log", "config"},
     "inference": {"checkpoint", "models", "data", "parallel", "errors"},
     "eval": {"gemini", "errors"},

@@ -61,18 +61,18 @@ def export_to_hf(load: str, out: str, tokenizer=None, iteration: int | None = No
     from transformers import BertForPreTraining, GPT2LMHeadModel
 
     full, config, iteration = read_full_model_state(load, iteration)
-    if is_bert(config):
-        state, hf_cfg, cls = hf_bert.bert_state_to_hf(full, config), hf_bert.hf_config(config), BertForPreTraining
-    else:
-        state, hf_cfg, cls = hf_gpt2.gpt_state_to_hf(full, config), hf_gpt2.hf_config(config), GPT2LMHeadModel
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):   # GPT-2's 50256 may not exist here
-        if getattr(hf_cfg, name, None) is not None and getattr(hf_cfg, name) >= hf_cfg.vocab_size:
-            setattr(hf_cfg, name, None)
+    token_ids = None
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, config)
-        hf_cfg.pad_token_id, hf_cfg.eos_token_id = tokenizer.pad, tokenizer.eod
+        token_ids = {"pad_token_id": tokenizer.pad, "eos_token_id": tokenizer.eod}
         if not is_bert(config):
-            hf_cfg.bos_token_id = tokenizer.eod
+            token_ids["bos_token_id"] = tokenizer.eod
+    if is_bert(config):
+        state, cls = hf_bert.bert_state_to_hf(full, config), BertForPreTraining
+        hf_cfg = hf_bert.hf_config(config, token_ids=token_ids)
+    else:
+        state, cls = hf_gpt2.gpt_state_to_hf(full, config), GPT2LMHeadModel
+        hf_cfg = hf_gpt2.hf_config(config, token_ids=token_ids)
     model = cls(hf_cfg).to(config.params_dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -1,7 +1,7 @@
 """Generate text from a GPT checkpoint: greedy or sampled, with a KV cache, TP-aware.
 
     python tools/generate.py --load CKPT --prompt "Once upon" --max-new-tokens 40 --greedy
-    python tools/generate.py --load CKPT --prompt "Once upon" --max-new-tokens 40 \
+    python tools/generate.py --load CKPT --prompt "Once upon" --max-new-tokens 40 \\
         --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1
     torchrun --nproc-per-node 2 tools/generate.py --load CKPT --tensor-model-parallel-size 2 ...
 
@@ -10,8 +10,6 @@ The tokenizer is the one the checkpoint records (trained here), else pass it
 (--tokenizer-type ...); without either, the bundled one.
 """
 from __future__ import annotations
-
-
 
 import torch
 import torch.distributed as dist
@@ -27,10 +25,20 @@ from gemini_lm.models.hf_gpt2 import load_full_state_dict
 from gemini_lm.training.initialize import initialize_distributed
 
 
+# The training flags generation uses, with their help here (None: the training help).
+CONFIG_FLAGS = {
+    "load": "checkpoint directory to generate from",
+    "tensor_model_parallel_size": None, "distributed_backend": None, "device": None,
+    "tokenizer_type": "override the tokenizer the checkpoint records (default: that one, else the bundled one)",
+    "tokenizer_model": None, "vocab_file": None, "merge_file": None,
+    "seed": "seed for sampling (the same on every rank)",
+}
+
+
 def add_generate_args(parser) -> None:
     g = parser.add_argument_group("generation")
     g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     g.add_argument("--iteration", type=int, help="checkpoint iteration (default: the newest)")
     g.add_argument("--greedy", action="store_true", help="argmax decoding (the default without sampling flags)")
     g.add_argument("--temperature", type=float, help="sample with this temperature")
@@ -53,7 +61,8 @@ def sampling_params(extra: dict) -> SamplingParams:
 
 def main(argv: list[str] | None = None) -> int:
     world = dist.get_world_size() if dist.is_initialized() else None   # else torchrun's WORLD_SIZE
-    cfg = parse_config(argv, extra_args_provider=add_generate_args, world_size=world)
+    cfg = parse_config(argv, extra_args_provider=add_generate_args, world_size=world, only=CONFIG_FLAGS,
+                       description=__doc__)
     extra, d = cfg.extra, cfg.data
     if not cfg.checkpoint.load:
         raise UsageError("--load CKPT_DIR is required")

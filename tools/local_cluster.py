@@ -33,18 +33,21 @@ import threading
 import time
 
 
-from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
+from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience import procs
 from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+USAGE = "local_cluster.py [options] -- SCRIPT.py [training flags incl. --log-dir]"
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" not in argv:
-        raise UsageError("usage: local_cluster.py [options] -- SCRIPT.py [training flags incl. --log-dir]")
-    split = argv.index("--")
-    p = UsageArgumentParser(description=__doc__.splitlines()[0])
+    # Parse the options before asking for `--`, so that --help alone prints the help.
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = UsageArgumentParser(usage=USAGE, description="\n\n".join(__doc__.split("\n\n")[:2]),
+                            formatter_class=HelpFormatter)
     p.add_argument("--machines", type=int, default=2, help="machines (torchrun agents)")
     p.add_argument("--procs-per-machine", type=int, default=1, help="workers per machine")
     p.add_argument("--spares", type=int, default=0, help="replacements available at once")
@@ -52,12 +55,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-restarts", type=int, default=5, help="torchrun --max-restarts per agent")
     p.add_argument("--inject", action="append", default=[], metavar="KIND:N[@iteration=N][@during=W]",
                    help="failure to inject (repeatable; see tools/inject_failure.py)")
-    p.add_argument("--job-id", default=None, help="rendezvous id = GEMINI job id (default cluster-<random>)")
+    p.add_argument("--job-id", default=None, help="rendezvous id = GEMINI job id (default: cluster-<random>)")
     p.add_argument("--store-root", default=None,
-                   help="shared-memory store root (default /dev/shm/gemini_lm_cluster_<id>)")
+                   help="shared-memory store root (default: /dev/shm/gemini_lm_cluster_<id>)")
     p.add_argument("--port", type=int, default=0, help="rendezvous port (default: a free one)")
     p.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0 = never)")
     args = p.parse_args(argv[:split])
+    if "--" not in argv:
+        raise UsageError(f"usage: {USAGE}")
     train = argv[split + 1:]
     if not train or not train[0].endswith(".py"):
         raise UsageError("after --: the training script (e.g. pretrain_gpt.py) and its flags")

@@ -53,15 +53,29 @@ def index_file_path(path_prefix: str) -> str:
     return path_prefix + ".idx"
 
 
+def dataset_prefix(path: str) -> str:
+    """The prefix of a .bin/.idx pair named by its prefix, its .bin or its .idx file.
+
+    Users pass the file they see; a prefix that itself ends in .bin or .idx is kept while
+    its pair exists.
+    """
+    root, ext = os.path.splitext(path)
+    if ext in (".bin", ".idx") and not IndexedDataset.exists(path):
+        return root
+    return path
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of a `.bin`/`.idx` pair; `ds[i]` is sequence i."""
 
-    def __init__(self, path_prefix: str) -> None:
-        self.path_prefix = path_prefix
+    def __init__(self, path: str) -> None:
+        """`path`: the prefix of the pair, or its .bin or .idx file."""
+        self.path_prefix = path_prefix = dataset_prefix(path)
         idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
-        for path in (idx_path, bin_path):
-            if not os.path.isfile(path):
-                raise UsageError(f"indexed dataset file not found: {path}")
+        for file in (idx_path, bin_path):
+            if not os.path.isfile(file):
+                raise UsageError(f"indexed dataset file not found: {file} (a data path is the prefix "
+                                 f"of a .bin/.idx pair, or one of its two files)")
 
         self.dtype, sequence_count, document_count = _read_index_header(idx_path)
         expected = _HEADER_SIZE + sequence_count * (4 + 8) + document_count * 8

@@ -128,12 +128,15 @@ def hf_to_bert_state(hf_state: dict[str, torch.Tensor],
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-def hf_config(config: TransformerConfig, orig_vocab_size: int | None = None):
-    """The transformers.BertConfig of the same architecture."""
+def hf_config(config: TransformerConfig, orig_vocab_size: int | None = None,
+              token_ids: dict[str, int | None] | None = None):
+    """The transformers.BertConfig of the same architecture. `token_ids` (pad_token_id,
+    eos_token_id) name the tokenizer's special tokens."""
     from transformers import BertConfig  # imported late: training never needs it
     if not config.post_layer_norm or config.attn_mask_type != "padding":
         raise UsageError("only post-LN models with a padding mask are BERT")
     return BertConfig(
+        **(token_ids or {}),
         vocab_size=orig_vocab_size or config.orig_vocab_size or config.vocab_size,
         hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_attention_heads, intermediate_size=config.ffn_hidden_size,

@@ -105,14 +105,24 @@ def hf_to_gpt_state(hf_state: dict[str, torch.Tensor],
     return full
 
 
-def hf_config(config: TransformerConfig, orig_vocab_size: int | None = None):
+GPT2_END_OF_TEXT = 50256   # GPT2Config's default bos/eos: GPT-2's <|endoftext|>
+
+
+def hf_config(config: TransformerConfig, orig_vocab_size: int | None = None,
+              token_ids: dict[str, int | None] | None = None):
     """The transformers.GPT2Config of the same architecture (vocab: orig_vocab_size,
-    else config.orig_vocab_size, else the padded size)."""
+    else config.orig_vocab_size, else the padded size). `token_ids` (bos_token_id,
+    eos_token_id, pad_token_id) name the tokenizer's special tokens."""
     from transformers import GPT2Config  # imported late: training never needs it
     if config.post_layer_norm or config.activation != "gelu_tanh":
         raise UsageError("only pre-LN, gelu_tanh models are GPT-2")
+    vocab_size = orig_vocab_size or config.orig_vocab_size or config.vocab_size
+    # Left to GPT2Config, bos/eos would be 50256 in any vocabulary: no token of a smaller one,
+    # and transformers warns about it when the config is built.
+    end_of_text = GPT2_END_OF_TEXT if GPT2_END_OF_TEXT < vocab_size else None
+    token_ids = {"bos_token_id": end_of_text, "eos_token_id": end_of_text, **(token_ids or {})}
     return GPT2Config(
-        vocab_size=orig_vocab_size or config.orig_vocab_size or config.vocab_size,
+        vocab_size=vocab_size, **token_ids,
         n_positions=config.max_position_embeddings,
         n_embd=config.hidden_size, n_layer=config.num_layers, n_head=config.num_attention_heads,
         n_inner=config.ffn_hidden_size, activation_function="gelu_new",

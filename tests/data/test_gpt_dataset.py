@@ -104,6 +104,14 @@ def test_splits(corpus):
     assert sorted(set(train.document_index.tolist())) == list(range(50))
 
 
+def test_the_bin_or_idx_file_builds_the_same_datasets_as_the_prefix(corpus):
+    expected = build_gpt_datasets(corpus, "8,1,1", 8, 1, (100, 10, 10))
+    for given in (corpus + ".bin", corpus + ".idx"):
+        for ds, want in zip(build_gpt_datasets(given, "8,1,1", 8, 1, (100, 10, 10)), expected):
+            assert len(ds) == len(want)
+            assert all(np.array_equal(ds[i]["tokens"], want[i]["tokens"]) for i in range(len(ds)))
+
+
 def test_bad_splits(corpus):
     with pytest.raises(UsageError, match="test split 0 of the 50 documents"):
         build_gpt_datasets(corpus, "969,30,1", 8, 1, (100, 10, 10))

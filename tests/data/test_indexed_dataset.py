@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gemini_lm.data.indexed_dataset import (DTYPE_CODES, IndexedDataset, IndexedDatasetBuilder,
-                                            data_file_path, index_file_path)
+                                            data_file_path, dataset_prefix, index_file_path)
 from gemini_lm.errors import UsageError
 
 
@@ -95,6 +95,19 @@ def test_missing_idx_is_a_usage_error(tmp_path):
         IndexedDataset(prefix)
     with pytest.raises(UsageError, match=r"not found: .*nothing\.idx"):
         IndexedDataset(str(tmp_path / "nothing"))
+
+
+def test_a_data_path_may_name_the_prefix_the_bin_or_the_idx(tmp_path):
+    prefix = build(str(tmp_path / "c"), [[1, 2, 3], [4]], np.int32)
+    for given in (prefix, prefix + ".bin", prefix + ".idx"):
+        assert dataset_prefix(given) == prefix
+        ds = IndexedDataset(given)
+        assert ds.path_prefix == prefix and [s.tolist() for s in ds] == [[1, 2, 3], [4]]
+    # A prefix that itself ends in .bin is taken as it is while its pair exists.
+    odd = build(str(tmp_path / "odd.bin"), [[5]], np.int32)
+    assert dataset_prefix(odd) == odd and IndexedDataset(odd)[0].tolist() == [5]
+    with pytest.raises(UsageError, match=r"not found: .*gone\.idx \(.*prefix"):
+        IndexedDataset(str(tmp_path / "gone.bin"))
 
 
 def test_truncated_or_foreign_idx_is_a_usage_error(tmp_path):

@@ -84,6 +84,19 @@ def test_hf_round_trip_is_exact():
     assert fresh.config.n_layer == 2 and fresh.config.vocab_size == VOCAB
 
 
+def test_exported_config_names_only_tokens_of_its_vocabulary():
+    """GPT2Config's default bos/eos are GPT-2's 50256: outside a smaller vocabulary they name
+    no token, and transformers warned about them on every export."""
+    config = config_from_hf(make_hf().config)
+    exported = hf_config(config, VOCAB)
+    ids = {name: getattr(exported, name) for name in exported.to_dict() if name.endswith("_token_id")}
+    assert ids and all(i is None or 0 <= i < VOCAB for i in ids.values()), ids
+    given = hf_config(config, VOCAB, token_ids={"bos_token_id": 7, "eos_token_id": 7, "pad_token_id": 9})
+    assert (given.bos_token_id, given.eos_token_id, given.pad_token_id) == (7, 7, 9)
+    gpt2_vocab = hf_config(config, 50257)   # GPT-2's own vocabulary keeps its end-of-text id
+    assert gpt2_vocab.bos_token_id == gpt2_vocab.eos_token_id == 50256
+
+
 def test_mapping_rejects_mismatched_states():
     hf = make_hf()
     config = config_from_hf(hf.config)
