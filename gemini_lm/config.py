@@ -125,6 +125,10 @@ class GeminiConfig:
     gemini_replicas: int = _f(2, "copies of each checkpoint (own machine + m-1 peers)")
     gemini_placement: str = _f("auto", "holder placement", choices=["auto", "group", "ring", "mixed"])
     gemini_hang_timeout: float = _f(120.0, "seconds without progress before the watchdog ends the step")
+    gemini_inplace: bool = _f(True, "recover by restarting every process through torchrun (without this "
+                                    "flag, survivors recover in place and a warm process replaces a dead one)")
+    gemini_spares: int = _f(0, "machines of the launch that wait as warm spares for a lost machine "
+                               "(the last ones by torchrun node rank)")
     gemini_interleave: str = _f("on", "send checkpoint traffic in idle gaps (off = eagerly)", choices=["on", "off"])
     gemini_profile_iters: int = _f(20, "iterations profiled before replication is scheduled")
     gemini_replication_interval: int = _f(0, "replicate every N-th snapshot (0 = auto: the smallest N "
@@ -215,9 +219,25 @@ def parse_config(argv: list[str] | None = None, extra_args_provider: Callable | 
         sections[name] = cls(**{f.name: ns.pop(f.name) for f in dataclasses.fields(cls) if f.name in ns})
     cfg = Config(**sections, extra=ns)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = training_world_size(cfg)
     validate(cfg, world_size)
     return cfg
+
+
+def training_world_size(cfg: Config) -> int:
+    """The ranks that train: the launch's (torchrun WORLD_SIZE) minus the spare machines' slots."""
+    g = cfg.gemini
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if g.gemini_spares < 0:
+        raise UsageError("--gemini-spares must be >= 0")
+    if g.gemini_spares and not (g.gemini and g.gemini_inplace):
+        raise UsageError("--gemini-spares needs in-place recovery (GEMINI on, no --no-gemini-inplace)")
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    machines = launched // per_machine
+    if g.gemini_spares >= machines:
+        raise UsageError(f"--gemini-spares {g.gemini_spares}: the launch has {machines} machine(s) "
+                         f"(torchrun --nnodes) of {per_machine} process(es); at least one must train")
+    return launched - g.gemini_spares * per_machine
 
 
 def validate(cfg: Config, world_size: int) -> None:

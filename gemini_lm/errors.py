@@ -1,7 +1,8 @@
 """Errors and exit codes the command-line front ends share.
 
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); EXIT_RESTART when a
-failure was detected and the worker wants its agent (torchrun) to restart it.
+failure was detected and the worker wants its agent (torchrun) to restart it; EXIT_REFORK
+between a supervised training process and its supervisor only.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Callable
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_RESTART = 75   # EX_TEMPFAIL: "failure detected, restart me"
+EXIT_REFORK = 76    # a supervised training process: "a peer failed before I could recover in place:
+                    # re-fork me warm" (never seen by torchrun: the supervisor acts on it)
 
 
 class UsageError(Exception):

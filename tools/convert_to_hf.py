@@ -135,7 +135,7 @@ def import_from_hf(hf_dir: str, save: str, tp_size: int, extra_flags: list[str],
     from gemini_lm.parallel.random import model_parallel_seed
     from gemini_lm.checkpoint.naming import shard_id
     from gemini_lm.checkpoint.persistent import check_writable, finalize_checkpoint, partial_dir, write_shard_file
-    from gemini_lm.training.loop import build_transformer_config
+    from gemini_lm.training.inputs import build_transformer_config
     from gemini_lm.training.setup import build_training_setup
 
     try:

@@ -6,12 +6,17 @@
 
 Each machine is a `torchrun` agent (c10d rendezvous, `is_host=false`) in its own session,
 with its own GEMINI_MACHINE_ID (m0, m1, ...) and its own directory in a shared-memory
-store root private to this cluster. This process hosts the rendezvous TCPStore, so no
-machine's death takes it down, and plays the cloud operator: when a machine dies (its
-agent is killed by a signal) its memory store is wiped and a fresh machine with a new id
-(empty memory) takes its slot, at once while --spares last, otherwise after
---replacement-delay seconds. torchrun restarts the workers (--max-restarts); the
-checkpointer recovers them from memory.
+store root private to this cluster. This process hosts the rendezvous TCPStore — also
+the job store in-place recovery coordinates through (GEMINI_JOB_STORE) — so no machine's
+death takes it down, and plays the cloud operator.
+
+With in-place recovery (the default), --spares machines start with the job and wait
+warm (the training gets --gemini-spares): a lost machine's ranks move to one of them in
+place and nothing is restarted. When a machine dies and no spare is left, the job takes
+the full restart: the operator starts replacements (fresh ids, empty memory) for every
+lost machine after --replacement-delay seconds and torchrun restarts the workers
+(--max-restarts). Without in-place recovery (--no-gemini, --no-gemini-inplace), --spares
+counts replacements available at once instead.
 
 <log-dir>/cluster.json: machines, agent and worker PIDs, states, replacements,
 injections. Agents' stderr goes to <log-dir>/cluster/<machine>.log. At the end, on
@@ -50,7 +55,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                             formatter_class=HelpFormatter)
     p.add_argument("--machines", type=int, default=2, help="machines (torchrun agents)")
     p.add_argument("--procs-per-machine", type=int, default=1, help="workers per machine")
-    p.add_argument("--spares", type=int, default=0, help="replacements available at once")
+    p.add_argument("--spares", type=int, default=0,
+                   help="warm spare machines started with the job (in-place recovery), else replacements "
+                        "available at once")
     p.add_argument("--replacement-delay", type=float, default=5.0, help="seconds to get a new machine")
     p.add_argument("--max-restarts", type=int, default=5, help="torchrun --max-restarts per agent")
     p.add_argument("--inject", action="append", default=[], metavar="KIND:N[@iteration=N][@during=W]",
@@ -101,7 +108,13 @@ class Cluster:
         self.replacements: list[dict] = []
         self.pending: list[dict] = []            # replacements not started yet
         self.injections: list[dict] = []
+        self.inplace = "--no-gemini" not in train and "--no-gemini-inplace" not in train
+        self.warm_spares = args.spares if self.inplace else 0   # machines that start with the job
+        if self.warm_spares and flag_value(train, "--gemini-spares") is None:
+            self.train += ["--gemini-spares", str(self.warm_spares)]
         self.spares_left = args.spares
+        self.unreplaced: list[dict] = []         # dead machines whose ranks a warm spare took over
+        self.idle_since: float | None = None
         self.next_id = 0
         self.state = "starting"
         self.lock = threading.Lock()
@@ -112,7 +125,7 @@ class Cluster:
         mid = f"m{self.next_id}"
         self.next_id += 1
         a = self.args
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(a.machines),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(a.machines + self.warm_spares),
                "--nproc-per-node", str(a.procs_per_machine), "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", self.job_id,
                # keep-alive: a killed agent drops out of the rendezvous in ~3 s, not 15 s
@@ -125,6 +138,7 @@ class Cluster:
                "NCCL_HOSTID": mid,
                # pytorch#135712: sharing the rendezvous store with workers breaks gloo after restarts
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+               "GEMINI_JOB_STORE": f"127.0.0.1:{self.port}",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         os.makedirs(os.path.join(self.log_dir, "cluster"), exist_ok=True)
         err = open(os.path.join(self.log_dir, "cluster", f"{mid}.log"), "ab")
@@ -153,13 +167,7 @@ class Cluster:
             elif rc < 0:   # killed by a signal: the machine is lost
                 m["state"] = "dead"
                 wipe_machine_store(self.store_root, m["id"])
-                from_spare = self.spares_left > 0
-                self.spares_left -= from_spare
-                delay = 0.0 if from_spare else self.args.replacement_delay
-                self.pending.append({"slot": m["slot"], "dead": m["id"], "died_at": now, "due": now + delay,
-                                     "from_spare": from_spare, "delay_s": delay})
-                print(f"local_cluster: machine {m['id']} (slot {m['slot']}) died; replacement "
-                      f"{'from spares now' if from_spare else f'in {delay:g}s'}", flush=True)
+                self._replace(m, now)
             else:
                 m["state"] = "failed"
                 print(f"local_cluster: machine {m['id']} failed (torchrun exit {rc}); see "
@@ -173,12 +181,53 @@ class Cluster:
         slots = {}
         for m in self.machines:
             slots[m["slot"]] = m   # the newest machine of each slot
-        if not self.pending and all(m["state"] == "done" for m in slots.values()):
+        lost = {m["slot"] for m in self.unreplaced}
+        if not self.pending and all(m["state"] == "done" for s, m in slots.items() if s not in lost):
             return "done"
+        self._release_exit_barrier(now)
         return None
 
+    def _replace(self, m: dict, now: float) -> None:
+        if self.warm_spares and self.spares_left > 0:
+            # A warm spare takes the lost ranks over in place: no new machine joins (a node
+            # joining the rendezvous would make torchrun restart every worker).
+            self.spares_left -= 1
+            self.unreplaced.append(m)
+            print(f"local_cluster: machine {m['id']} (slot {m['slot']}) died; a warm spare takes over "
+                  f"({self.spares_left} left)", flush=True)
+            return
+        # The full restart: the rendezvous needs every slot again.
+        lost, self.unreplaced = self.unreplaced + [m], []
+        from_spare = not self.warm_spares and self.spares_left > 0
+        self.spares_left = self.warm_spares if self.warm_spares else self.spares_left - from_spare
+        delay = 0.0 if from_spare else self.args.replacement_delay
+        for dead in lost:
+            self.pending.append({"slot": dead["slot"], "dead": dead["id"], "died_at": now, "due": now + delay,
+                                 "from_spare": from_spare, "delay_s": delay})
+        print(f"local_cluster: machine {m['id']} (slot {m['slot']}) died; "
+              f"{len(lost)} replacement(s) {'from spares now' if from_spare else f'in {delay:g}s'}", flush=True)
+
+    def _release_exit_barrier(self, now: float) -> None:
+        """torchrun's agents wait (300 s, no flag) in an exit barrier for every node of their
+        rendezvous — including a lost machine whose ranks a spare took over. Once no training
+        process is left on the live machines, training is over: stop those agents."""
+        if not self.unreplaced:
+            return
+        live = [m for m in self.live()]
+        busy = any(w["machine"] in {m["id"] for m in live} for w in procs.workers(self.cluster_id))
+        if busy or not live:
+            self.idle_since = None
+            return
+        self.idle_since = self.idle_since or now
+        if now - self.idle_since > 2.0:
+            for m in live:
+                procs.signal_group(m["agent_pid"], signal.SIGTERM)
+                m["state"], m["exit_code"], m["ended_at"] = "done", 0, now
+                m["note"] = "stopped in torchrun's exit barrier after training finished"
+
+
     def write_state(self) -> None:
-        found = procs.workers(self.cluster_id)
+        found = procs.workers(self.cluster_id, self.log_dir)
         for m in self.machines:
             if m["state"] == "running":
                 m["workers"] = [{"pid": w["pid"], "rank": w["rank"], "local_rank": w["local_rank"],
@@ -218,7 +267,7 @@ class Cluster:
         self.store = dist.TCPStore("127.0.0.1", self.args.port, is_master=True, wait_for_workers=False,
                                    timeout=__import__("datetime").timedelta(seconds=600))
         self.port = self.store.port
-        for slot in range(self.args.machines):
+        for slot in range(self.args.machines + self.warm_spares):
             self.start_machine(slot)
         self.state = "running"
         self.write_state()   # injections resolve targets from it

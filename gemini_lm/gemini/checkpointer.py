@@ -5,6 +5,8 @@
     after_step(iteration)     train_step, after the update: snapshot + replicate + persist
     stats()                   timings for metrics.jsonl
     flush(timeout_s)          SIGTERM: the newest complete snapshot to --save
+    abandon()                 a peer failed: stop the traffic whose process group is going away
+    reform()                  in a new generation: new topology and groups, roll back in place
     close(iteration, clean)   drain background work; a clean finish frees the memory store
 
 Per iteration, only the *writer* of a shard on a machine (its lowest rank holding that
@@ -51,23 +53,13 @@ class Checkpointer:
         # benchmark before connect_routes existed, and that fix has not run on a GPU yet
         # (see the README). nccl without CUDA was refused with the other input checks.
         self.transport = "gloo" if g.gemini_transport == "auto" else g.gemini_transport
-        machine = machine_id()
+        self.machine = machine_id()
         # On CUDA the slots are page-locked, so the snapshot is an async DMA from the GPU.
-        self.store = MemoryStore(g.gemini_store_dir, job_id, machine, pin_memory=ps.device.type == "cuda")
+        self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine, pin_memory=ps.device.type == "cuda")
         self.layout = SnapshotLayout.build(state.tensors(), state.metadata)
-        with peer_failures("GEMINI topology"):
-            self.topology = GeminiTopology.gather(ps.rank, ps.world_size, machine, ps.shard_id,
-                                                  self.layout.layout_hash, g.gemini_replicas, g.gemini_placement)
-        topo = self.topology
-        # Checkpoint traffic gets process groups of its own (collective: every rank creates
-        # them): gloo for the protocol's small messages, and on GPU one NCCL group per route
-        # for the payload (see transport.py).
         self.traffic = TrafficScheduler(g, ps.timeline)
-        self.repl_group = dist.new_group(backend="gloo", timeout=ps.timeout) if topo.routes else None
-        self._route_groups = {}
-        if topo.routes and self.transport == "nccl":
-            self._route_groups = route_groups(topo.routes, "nccl", ps.timeout)
-            connect_routes(topo.routes, self._route_groups, ps.device, self.traffic.chunk_bytes)
+        self._form_topology()
+        topo = self.topology
         self.replicator: Replicator | None = None
         self.persister: Persister | None = None
         self._window_hook: WindowHook | None = None
@@ -81,13 +73,29 @@ class Checkpointer:
         self._stats: dict = {}
         self.last_record = None
         self._pending = None
-        self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in topo.out_routes()}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemini-commit")
         # On CUDA the snapshot's device-to-host copies run on a side stream while the next
         # iteration's forward and backward run; only its update waits for them (before_update).
         self._d2h_stream = torch.cuda.Stream(ps.device) if ps.device.type == "cuda" else None
         self._d2h_done = None
         self._d2h_wait_s: float | None = None
+
+    def _form_topology(self) -> None:
+        """Collective: who holds what, and the groups checkpoint traffic goes over."""
+        g, ps = self.cfg.gemini, self.ps
+        with peer_failures("GEMINI topology"):
+            self.topology = GeminiTopology.gather(ps.rank, ps.world_size, self.machine, ps.shard_id,
+                                                  self.layout.layout_hash, g.gemini_replicas, g.gemini_placement)
+        topo = self.topology
+        # Checkpoint traffic gets process groups of its own (collective: every rank creates
+        # them): gloo for the protocol's small messages, and on GPU one NCCL group per route
+        # for the payload (see transport.py).
+        self.repl_group = dist.new_group(backend="gloo", timeout=ps.timeout) if topo.routes else None
+        self._route_groups = {}
+        if topo.routes and self.transport == "nccl":
+            self._route_groups = route_groups(topo.routes, "nccl", ps.timeout)
+            connect_routes(topo.routes, self._route_groups, ps.device, self.traffic.chunk_bytes)
+        self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in topo.out_routes()}
 
     # ---- start-up ---------------------------------------------------------------------
     def restore(self) -> dict:
@@ -100,6 +108,11 @@ class Checkpointer:
             if topo.is_leader and not self.store.records():
                 self.store.wipe()   # it holds nothing: bad input leaves no empty store behind
             raise
+        self._start_replication()
+        return record
+
+    def _start_replication(self) -> None:
+        topo = self.topology
         if topo.routes:
             staged = partial(StagedTransport, self._route_groups, self.ps.device, self.traffic.buffer_bytes,
                              self.traffic.num_buffers) if self.transport == "nccl" else None
@@ -109,6 +122,38 @@ class Checkpointer:
                                          transports=staged, window_hook=self._in_window)
         if topo.is_writer:
             self.store.prepare(self.ps.shard_id, self.layout.nbytes)
+
+    # ---- in-place recovery --------------------------------------------------------------
+    def abandon(self) -> bool:
+        """A peer failed: let the snapshot in flight commit, stop checkpoint traffic and drop
+        its groups. False if a replication thread would not stop (then its group must not
+        be destroyed: the caller takes the full restart)."""
+        self.ps.timeline.release_waiters()   # a sender waiting for the next iteration goes now
+        try:
+            if self._pending is not None:
+                self._pending.result()
+        except Exception:  # noqa: BLE001 - its replication may have failed with the peer
+            pass
+        self._pending, self._d2h_done = None, None
+        stopped = True
+        if self.replicator is not None:
+            stopped = self.replicator.close(timeout=5.0)
+            self.replicator = None
+        self.repl_group, self._route_groups = None, {}
+        return stopped
+
+    def reform(self) -> dict:
+        """In a new generation (its default group initialized, ParallelState rebuilt): new
+        topology and traffic groups, then roll back to the newest iteration every shard holds
+        in memory, exactly as at a restart. The recovery record."""
+        self.ps.timeline.resume()
+        old_routes = self.topology.routes
+        self._form_topology()
+        if self.topology.routes != old_routes:
+            self.traffic.replan()   # new peers: the next replicated snapshot plans their traffic
+        record = restore_state(self.topology, self.store, self.state, self.ps, self.job_id,
+                               self.cfg.checkpoint.load)
+        self._start_replication()
         return record
 
     # ---- every iteration --------------------------------------------------------------

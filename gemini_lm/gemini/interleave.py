@@ -64,6 +64,13 @@ class TrafficScheduler:
         self._replicable += 1
         return (self._replicable - 1) % self.every == 0
 
+    def replan(self) -> None:
+        """The peers changed (a machine was replaced): plan again at the next replicated
+        snapshot, from the profile and measurements already taken."""
+        self.plan = None
+        self.every = self.fixed_every or 1
+        self._replicable = 0
+
     def blocking(self, iteration: int) -> bool:
         """Does the step wait for this replicated snapshot's traffic? Always with
         interleaving off (the paper's blocking baseline); while profiling, so the

@@ -195,8 +195,9 @@ class Replicator:
         if self.error is not None:
             raise ReplicationError(f"GEMINI replication failed: {self.error!r}") from self.error
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish pending sends, tell receivers to stop, join the threads."""
+    def close(self, timeout: float = 30.0) -> bool:
+        """Finish pending sends, tell receivers to stop, join the threads; False if a thread
+        is still running (a peer never sent its stop): its group must then not be destroyed."""
         if self.out_routes:
             self._idle.wait(timeout)
             stop = _encode_header({"iteration": STOP})
@@ -215,3 +216,4 @@ class Replicator:
         if not stuck:   # a stuck thread may still be using its transport's buffer
             for tr in self._transports:
                 tr.close()
+        return not stuck

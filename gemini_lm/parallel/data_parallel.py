@@ -139,6 +139,12 @@ class DistributedDataParallel(nn.Module):
                                         bucket.launch_time, time.perf_counter())
                 bucket.handle = None
 
+    def abandon_grad_sync(self) -> None:
+        """A peer failed mid-step: drop the all-reduces in flight (their group is gone)."""
+        for bucket in self.buckets:
+            bucket.handle = None
+        self.zero_grad_buffer()
+
     def zero_grad_buffer(self) -> None:
         """Zero every main_grad and re-arm the buckets for the next step."""
         if any(b.handle is not None for b in self.buckets):

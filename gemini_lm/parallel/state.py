@@ -59,6 +59,19 @@ class ParallelState:
                    dp_size=dp_size, dp_rank=rank // tp_size, tp_group=tp_group, dp_group=dp_group,
                    tp_ranks=tp_ranks, dp_ranks=dp_ranks, device=torch.device(device), timeout=timeout)
 
+    def rebuild_groups(self) -> None:
+        """After a new generation's init_process_group: this rank's new TP/DP groups, in place
+        (layers and the DDP wrapper hold this object). The rank keeps its place."""
+        new = ParallelState.initialize(self.tp_size, self.device, timeout=self.timeout)
+        if (new.rank, new.world_size) != (self.rank, self.world_size):
+            raise RuntimeError(f"rank {self.rank}/{self.world_size} became {new.rank}/{new.world_size}")
+        self.tp_group, self.dp_group, self.tp_ranks, self.dp_ranks = new.tp_group, new.dp_group, new.tp_ranks, new.dp_ranks
+
+    def drop_groups(self) -> None:
+        """Forget this generation's groups (destroy_process_group follows): once nothing holds
+        them, their connections close and peers blocked on them fail at once."""
+        self.tp_group = self.dp_group = None
+
     @property
     def shard_id(self) -> str:
         """Name of the model/optimizer shard this rank holds; DP replicas share it."""

@@ -120,6 +120,14 @@ class CollectiveTimeline:
             self._released = True
             self._changed.notify_all()
 
+    def resume(self) -> None:
+        """Training goes on after a recovery: waiters wait again; the iteration counters
+        restart from the rolled-back iteration."""
+        with self._changed:
+            self._released = False
+            self._last_iteration = self._last_update = 0
+            self._current = None
+
     def iterations(self) -> list[IterationTimeline]:
         with self._lock:
             return list(self._done)

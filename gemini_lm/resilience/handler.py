@@ -11,7 +11,10 @@ is to notice it fast, leave a trace and get out of the way:
   and the snapshots live in shared memory, which outlives the process anyway.
 - a watchdog thread: no completed iteration for --gemini-hang-timeout seconds (a peer is
   frozen, or this rank is stuck) → the same. It starts after restore, so a slow start-up
-  or recovery does not trip it.
+  does not trip it. Under a supervisor (in-place recovery) it first raises an alarm on the
+  status page instead: the supervisors then kill whichever child is frozen, which fails
+  the blocked collectives here and recovers in place; only if nothing moves for another
+  hang timeout does it exit for the full restart. It also heartbeats the status page.
 - SIGTERM (a preemption notice, or torchrun stopping the group): the checkpointer's
   flush() writes the newest complete snapshot to --save if newer than the checkpoint there,
   then exit EXIT_RESTART. Not 0: a worker that exits 0 tells its agent it finished, and a
@@ -40,6 +43,7 @@ from gemini_lm.errors import EXIT_RESTART, PeerFailure, UsageError
 from gemini_lm.log import ALL_RANKS, get_logger
 from gemini_lm.resilience.breakpoints import Breakpoints
 from gemini_lm.resilience.events import record_failure
+from gemini_lm.resilience.status import TRAINING, StatusPage
 
 log = get_logger(__name__)
 
@@ -55,8 +59,13 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 class FailureHandler:
     def __init__(self, log_dir: str, rank: int, machine: str, hang_timeout_s: float,
-                 flush_timeout_s: float = 20.0):
-        self.log_dir, self.rank, self.machine = log_dir, rank, machine
+                 flush_timeout_s: float = 20.0, status: StatusPage | None = None,
+                 exit_code: int = EXIT_RESTART):
+        """`exit_code`: what fail() exits with — EXIT_RESTART (torchrun restarts the workers)
+        or, for a supervised process of in-place recovery, EXIT_REFORK (its supervisor
+        re-forks it warm and it rejoins the next generation)."""
+        self.log_dir, self.rank, self.machine, self.status = log_dir, rank, machine, status
+        self.exit_code = exit_code
         self.hang_timeout_s, self.flush_timeout_s = hang_timeout_s, flush_timeout_s
         self.rendezvous_done_at = time.time()   # built right after init_process_group
         self.iteration = 0                      # last completed iteration
@@ -99,27 +108,52 @@ class FailureHandler:
         with self._exiting:   # one exit path wins (watchdog vs. main thread vs. SIGTERM)
             record_failure(self.log_dir, cause=cause, rank=self.rank, machine=self.machine,
                            iteration=self.iteration, detail=detail)
+            then = "a warm re-fork" if self.exit_code != EXIT_RESTART else "a restart"
             log.warning(f"{cause} after iteration {self.iteration}: {detail[:200]}; "
-                        f"exiting {EXIT_RESTART} for a restart", extra=ALL_RANKS)
+                        f"exiting {self.exit_code} for {then}", extra=ALL_RANKS)
             sys.stdout.flush()
-            os._exit(EXIT_RESTART)
+            os._exit(self.exit_code)
 
     # ---- watchdog ---------------------------------------------------------------------
     def progress(self, iteration: int) -> None:
         self.iteration = iteration
+        self._last_progress = now = time.monotonic()
+        if self.status is not None:
+            self.status.set(iteration=iteration, progress=now)
+
+    def restarted_clock(self, rank: int) -> None:
+        """A recovery or a phase change is progress too (its own duration is bounded by
+        the same hang timeout); `rank`: this process's rank from now on."""
+        self.rank = rank
         self._last_progress = time.monotonic()
 
     def start_watchdog(self) -> None:
         self._last_progress = time.monotonic()
-        if self.hang_timeout_s > 0 and self._watchdog is None:
+        watch = self.hang_timeout_s > 0 or self.status is not None
+        if watch and self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch, name="gemini-watchdog", daemon=True)
             self._watchdog.start()
 
     def _watch(self) -> None:
-        period = min(1.0, self.hang_timeout_s / 10)
+        # Supervised: a fast tick, so the supervisor can tell a frozen process by its heartbeat.
+        period = 0.1 if self.status is not None else min(1.0, self.hang_timeout_s / 10)
         while not self._stop.wait(period):
-            idle = time.monotonic() - self._last_progress
-            if idle > self.hang_timeout_s:
+            now = time.monotonic()
+            idle = now - self._last_progress
+            if self.status is not None:
+                self.status.set(heartbeat=now)
+                if self.hang_timeout_s <= 0:
+                    continue
+                if idle > self.hang_timeout_s and self.status.get("alarm") < 0 \
+                        and self.status.get("phase") == TRAINING:
+                    self.status.set(alarm=self.status.get("generation"))   # the supervisors act
+                    record_failure(self.log_dir, cause="hang", rank=self.rank, machine=self.machine,
+                                   iteration=self.iteration, detail=f"no completed iteration for {idle:.1f}s "
+                                   f"(--gemini-hang-timeout {self.hang_timeout_s:g}): alarm raised")
+                    log.warning(f"no completed iteration for {idle:.1f}s: hang alarm raised", extra=ALL_RANKS)
+                if idle <= 2 * self.hang_timeout_s:
+                    continue
+            if self.hang_timeout_s > 0 and idle > self.hang_timeout_s:
                 # Where every thread is stuck (training, replication, commit) is what an
                 # operator needs to tell a dead peer from a local deadlock.
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
@@ -155,6 +189,7 @@ class FailureHandler:
                     self.breakpoints.arm()
 
     def _on_sigterm(self) -> None:
+        self.exit_code = EXIT_RESTART   # a preemption or torchrun stopping us: never re-fork
         detail = "SIGTERM"
         try:
             flushed = None if self.checkpointer is None else self.checkpointer.flush(self.flush_timeout_s)

@@ -104,7 +104,7 @@ def wait_for_iteration(log_dir: str, iteration: int, offset: int, timeout_s: flo
 
 
 def _worker_pid(cluster: dict, rank: int) -> dict:
-    for w in procs.workers(cluster["cluster_id"]):
+    for w in procs.workers(cluster["cluster_id"], cluster["log_dir"]):
         if w["rank"] == rank:
             return w
     raise UsageError(f"no live worker with rank {rank} in cluster {cluster['cluster_id']}")
@@ -165,8 +165,8 @@ def inject(log_dir: str, inj: Injection, *, offset: int | None = None, timeout_s
     event: dict = {**asdict(inj), "source": source}
     if inj.kind == "machine":
         machine = _machine(cluster, inj.target)
-        victim = min(procs.workers(cluster["cluster_id"]), default=None,
-                     key=lambda w: w["rank"] if w["machine"] == machine["id"] else 1 << 30)
+        mine = [w for w in procs.workers(cluster["cluster_id"], cluster["log_dir"]) if w["machine"] == machine["id"]]
+        victim = mine[0] if mine else None   # its lowest training rank (or a spare)
     else:
         victim = _worker_pid(cluster, inj.target)
         machine = None
@@ -174,6 +174,7 @@ def inject(log_dir: str, inj: Injection, *, offset: int | None = None, timeout_s
         event["window"] = _pause_in_window(log_dir, victim["pid"], inj.during, timeout_s=60.0)
     if victim is not None:
         event["victim_rank"], event["victim_pid"] = victim["rank"], victim["pid"]
+    event["time"] = time.time()   # delivered now: a peer may detect it within a millisecond
     if inj.kind == "machine":
         event["machine"] = machine["id"]
         event["killed_pids"] = kill_machine(cluster, machine)

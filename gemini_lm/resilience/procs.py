@@ -7,6 +7,7 @@ and clean-up can prove that nothing is left behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -50,15 +51,55 @@ def cluster_processes(cluster_id: str) -> dict[int, dict[str, str]]:
     return out
 
 
-def workers(cluster_id: str) -> list[dict]:
-    """Training workers (torchrun sets RANK for them, not for agents), sorted by rank."""
+def comm(pid: int) -> str:
+    """The process's name (prctl PR_SET_NAME; the training process calls itself TRAINING_NAME)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+TRAINING_NAME = "gemini-train"   # comm of a supervisor's training child (resilience/supervisor.py)
+
+
+def workers(cluster_id: str, log_dir: str | None = None) -> list[dict]:
+    """The processes that train, sorted by training rank (spares, rank None, last).
+
+    torchrun sets RANK for its workers (not for agents). Under in-place recovery a worker
+    is a supervisor whose forked child (named TRAINING_NAME) trains; the child's training
+    rank may differ from torchrun's RANK (its slot) once a spare took over a lost rank, so
+    it is read from <log-dir>/workers/slot<k>.json, which the child writes.
+    """
+    env_of = {pid: env for pid, env in cluster_processes(cluster_id).items()
+              if "RANK" in env and "TORCHELASTIC_RUN_ID" in env}
+    children = {pid for pid in env_of if comm(pid) == TRAINING_NAME}
+    supervised = {parent(pid) for pid in children}
     found = []
-    for pid, env in cluster_processes(cluster_id).items():
-        if "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
-            found.append({"pid": pid, "rank": int(env["RANK"]), "local_rank": int(env.get("LOCAL_RANK", 0)),
-                          "machine": env.get("GEMINI_MACHINE_ID"),
-                          "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", 0))})
-    return sorted(found, key=lambda w: w["rank"])
+    for pid, env in env_of.items():
+        if pid in supervised or (pid not in children and parent(pid) in env_of):
+            continue   # a supervisor (its child trains) or a helper it forked (the store keeper)
+        slot = int(env["RANK"])
+        rank = slot
+        if pid in children and log_dir is not None:
+            try:
+                with open(os.path.join(log_dir, "workers", f"slot{slot}.json")) as f:
+                    published = json.load(f)
+                rank = published["rank"] if published.get("pid") == pid else None
+            except (OSError, ValueError, KeyError):
+                rank = None   # not trained yet: a spare
+        found.append({"pid": pid, "rank": rank, "slot": slot, "local_rank": int(env.get("LOCAL_RANK", 0)),
+                      "machine": env.get("GEMINI_MACHINE_ID"), "supervisor_pid": parent(pid) if pid in children else None,
+                      "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", 0))})
+    return sorted(found, key=lambda w: (w["rank"] is None, w["rank"] if w["rank"] is not None else w["slot"]))
 
 
 def signal_pid(pid: int, sig: int) -> bool:

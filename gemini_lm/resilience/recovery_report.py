@@ -11,9 +11,14 @@ first iteration after the restore completes, joined with:
 - this process: its start time (the agent restarted workers), the end of rendezvous;
 - metrics.jsonl: the last iteration logged before the restart.
 
-Phases, as timestamps (`*_at`, seconds since the epoch) and durations (`*_s`):
-injected → detected → workers started → rendezvous done → restore started →
-retrieved → loaded → first iteration completed.
+Phases, as timestamps (`*_at`, seconds since the epoch) and durations (`*_s`), by the
+path the recovery took (`path`):
+- restart (torchrun restarted the workers): injected → detected → workers started →
+  rendezvous done → restore started → retrieved → loaded → first iteration completed;
+- inplace (survivors kept running, a warm process replaced the dead one): injected →
+  detected → aborted (this rank dropped its groups) → re-formed (the next generation's
+  groups exist) → loaded → first iteration completed, plus replacement_ready_at (the
+  replacement registered) where a replacement took part.
 """
 from __future__ import annotations
 
@@ -127,6 +132,7 @@ def complete_record(restore: dict, log_dir: str, *, first_iteration: int, first_
     start = injection["time"] if injection else detection["time"] if detection else workers_started_at
     rec = {
         **restore,
+        "path": restore.get("path", "restart"),
         "failure_kind": injection["kind"] if injection else detection["cause"] if detection else "unknown",
         "failure_cause": detection["cause"] if detection else None,
         "injected_at": injection["time"] if injection else None,
@@ -147,11 +153,21 @@ def complete_record(restore: dict, log_dir: str, *, first_iteration: int, first_
     return rec
 
 
+PHASES = {"restart": ("detect_s", "restart_s", "rendezvous_s", "setup_s", "retrieval_s", "first_iteration_s"),
+          "inplace": ("detect_s", "abort_s", "reform_s", "retrieval_s", "first_iteration_s")}
+
+
 def phase_durations(rec: dict, start: float) -> dict:
-    """Consecutive phases; a phase whose start is unknown is folded into the next one."""
-    marks = [("detect_s", rec["detected_at"]), ("restart_s", rec["workers_started_at"]),
-             ("rendezvous_s", rec["rendezvous_done_at"]), ("setup_s", rec["restore_started_at"]),
-             ("retrieval_s", rec["loaded_at"]), ("first_iteration_s", rec["first_iteration_at"])]
+    """Consecutive phases of the record's path; a phase whose start is unknown is folded
+    into the next one."""
+    if rec.get("path") == "inplace":
+        marks = [("detect_s", rec["detected_at"]), ("abort_s", rec.get("aborted_at")),
+                 ("reform_s", rec.get("reformed_at")), ("retrieval_s", rec["loaded_at"]),
+                 ("first_iteration_s", rec["first_iteration_at"])]
+    else:
+        marks = [("detect_s", rec["detected_at"]), ("restart_s", rec["workers_started_at"]),
+                 ("rendezvous_s", rec["rendezvous_done_at"]), ("setup_s", rec["restore_started_at"]),
+                 ("retrieval_s", rec["loaded_at"]), ("first_iteration_s", rec["first_iteration_at"])]
     out, prev = {}, start
     for name, t in marks:
         if t is None:
@@ -160,6 +176,8 @@ def phase_durations(rec: dict, start: float) -> dict:
         out[name] = max(0.0, t - prev)
         prev = max(prev, t)
     out["recovery_s"] = rec["first_iteration_at"] - start
+    if rec.get("replacement_ready_at") is not None:
+        out["replacement_ready_s"] = max(0.0, rec["replacement_ready_at"] - start)
     return out
 
 
@@ -167,9 +185,8 @@ def summary_line(rec: dict) -> str:
     def s(key):
         return "-" if rec.get(key) is None else f"{rec[key]:.2f}s"
     lost = rec.get("iterations_lost")
-    return (f"recovery: {rec['failure_kind']} -> iteration {rec['iteration']} from {rec['source']} "
-            f"in {rec['recovery_s']:.2f}s (detect {s('detect_s')}, restart {s('restart_s')}, "
-            f"rendezvous {s('rendezvous_s')}, setup {s('setup_s')}, retrieve {s('retrieval_s')}, "
-            f"first iteration {s('first_iteration_s')}); "
-            f"{'?' if lost is None else lost} iteration(s) lost")
+    path = rec.get("path", "restart")
+    phases = ", ".join(f"{p[:-2].replace('_', ' ')} {s(p)}" for p in PHASES[path])
+    return (f"recovery ({path}): {rec['failure_kind']} -> iteration {rec['iteration']} from {rec['source']} "
+            f"in {rec['recovery_s']:.2f}s ({phases}); {'?' if lost is None else lost} iteration(s) lost")
 

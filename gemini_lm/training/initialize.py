@@ -50,8 +50,10 @@ def restart_scoped_agent_store(timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"gemini_lm/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
-def initialize_distributed(cfg: Config) -> ParallelState:
-    """Join the world (torchrun env vars if present) and build the TP/DP groups."""
+def initialize_distributed(cfg: Config, init_group: Callable | None = None) -> ParallelState:
+    """Join the world and build the TP/DP groups. The world: `init_group(backend, timeout,
+    **kwargs)` when given (a generation of in-place recovery, training/inplace.py), else
+    torchrun's environment, else a world of one."""
     device = resolve_device(cfg)
     backend = cfg.parallel.distributed_backend
     if backend == "auto":
@@ -66,8 +68,10 @@ def initialize_distributed(cfg: Config) -> ParallelState:
         # the same groups; device tensors over NCCL.
         backend = "cpu:gloo,cuda:nccl"
     if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            kwargs = {"device_id": device} if "nccl" in backend else {}
+        kwargs = {"device_id": device} if "nccl" in backend else {}
+        if init_group is not None:
+            init_group(backend, timeout, **kwargs)
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 kwargs.update(store=restart_scoped_agent_store(timeout), rank=int(os.environ["RANK"]),
                               world_size=int(os.environ["WORLD_SIZE"]))

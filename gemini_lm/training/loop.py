@@ -3,6 +3,12 @@
 Entry points stay thin: they give a model provider, a datasets provider and a forward
 step. Everything else — process groups, seeds, tokenizer, optimizer, checkpointer,
 data position, logging — is built here from the typed config and passed explicitly.
+
+With GEMINI and in-place recovery (the default), the process that runs pretrain() is
+its slot's supervisor: it loads everything once and trains in a forked child, which it
+re-forks warm when it dies (resilience/supervisor.py). A training process that sees a
+peer fail does not exit: it rejoins the next generation and rolls back in place
+(training/inplace.py), and the loop goes on from the restored iteration.
 """
 from __future__ import annotations
 
@@ -13,92 +19,31 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from gemini_lm.checkpoint.persistent import check_writable
 from gemini_lm.checkpoint.protocol import Checkpointer
-from gemini_lm.config import Config, num_micro_batches
+from gemini_lm.config import Config, num_micro_batches, training_world_size
 from gemini_lm.data.samplers import micro_batches
-from gemini_lm.data.tokenizer import build_tokenizer
-from gemini_lm.errors import UsageError
+from gemini_lm.errors import EXIT_REFORK, EXIT_RESTART, UsageError
 from gemini_lm.gemini.topology import machine_id
-from gemini_lm.log import get_logger, setup_logging
-from gemini_lm.models.config import TransformerConfig, pad_vocab_size
+from gemini_lm.log import ALL_RANKS, get_logger, setup_logging
 from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.random import model_parallel_seed
 from gemini_lm.parallel.utils import is_tensor_parallel
-from gemini_lm.resilience.handler import FailureHandler
+from gemini_lm.resilience.events import record_failure
+from gemini_lm.resilience.handler import FailureHandler, is_peer_failure
+from gemini_lm.resilience.membership import StoreLost
 from gemini_lm.resilience.recovery_report import RecoveryReporter
+from gemini_lm.resilience.supervisor import ChildContext, Supervisor
 from gemini_lm.training.checkpointing import PersistentCheckpointer
-from gemini_lm.training.initialize import all_ranks_or_none, initialize_distributed
+from gemini_lm.training.initialize import all_ranks_or_none, collective_timeout, initialize_distributed
+from gemini_lm.training.inplace import ColdFallback, InPlace, publish_worker
+from gemini_lm.training.inputs import (build_tokenizer_and_data, build_transformer_config, check_output_dirs,
+                                       default_job_id)
 from gemini_lm.training.metrics import MetricsLogger
 from gemini_lm.training.setup import build_training_setup
 from gemini_lm.training.state import TrainState
 from gemini_lm.training.step import evaluate, reduce_mean_over_dp, train_step
 
 log = get_logger(__name__)
-
-
-def build_tokenizer_and_data(cfg: Config):
-    """The user's data and tokenizer, or the bundled sample corpus and its tokenizer."""
-    d = cfg.data
-    if d.data_path is None:
-        from gemini_lm.data.sample_corpus import ensure_default_corpus
-
-        corpus = ensure_default_corpus()
-        d.data_path = corpus.data_prefix
-        if d.tokenizer_type is None:
-            d.tokenizer_type, d.tokenizer_model = "SentencePieceTokenizer", corpus.tokenizer_model
-    if d.tokenizer_type is None:
-        raise UsageError("--data-path needs --tokenizer-type (the tokenizer the data was encoded with)")
-    tok = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model,
-                          vocab_file=d.vocab_file, merge_file=d.merge_file)
-    return tok
-
-
-def build_transformer_config(cfg: Config, vocab_size: int, tp_size: int, **overrides) -> TransformerConfig:
-    m = cfg.model
-    flags = {k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
-                                         "ffn_hidden_size", "hidden_dropout", "attention_dropout")
-             if getattr(m, k) is not None}
-    if m.max_position_embeddings is not None:
-        flags["max_position_embeddings"] = m.max_position_embeddings
-    elif m.seq_length is not None:
-        flags["max_position_embeddings"] = m.seq_length
-    padded = pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp_size)
-    params_dtype = torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
-    # orig_vocab_size: padding rows get no probability mass (they would otherwise skew the loss).
-    tcfg = TransformerConfig.from_preset(m.model_size, padded, orig_vocab_size=vocab_size,
-                                         init_method_std=m.init_method_std,
-                                         params_dtype=params_dtype, **{**flags, **overrides})
-    if m.seq_length is None:
-        m.seq_length = tcfg.max_position_embeddings
-    if m.seq_length > tcfg.max_position_embeddings:
-        raise UsageError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
-                         f"{tcfg.max_position_embeddings}")
-    tcfg.validate(tp_size)
-    return tcfg
-
-
-def default_job_id(cfg: Config) -> str:
-    if cfg.gemini.gemini_job_id:
-        return cfg.gemini.gemini_job_id
-    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ["TORCHELASTIC_RUN_ID"] != "none":
-        return os.environ["TORCHELASTIC_RUN_ID"]
-    # Same --log-dir ⇒ same job: a restarted `python pretrain_gpt.py` finds its memory.
-    import hashlib
-
-    return "job-" + hashlib.sha1(os.path.abspath(cfg.logging.log_dir).encode()).hexdigest()[:12]
-
-
-def check_output_dirs(cfg: Config, ps) -> None:
-    """--log-dir and --save must be writable: fail at start-up, not at the first write."""
-    if ps.rank == 0:   # the only rank that logs; checked without creating anything
-        existing = os.path.abspath(cfg.logging.log_dir)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            raise UsageError(f"--log-dir {cfg.logging.log_dir}: {existing} is not a writable directory")
-    if cfg.checkpoint.save:
-        check_writable(cfg.checkpoint.save)
 
 
 def build_checkpointer(cfg: Config, state: TrainState, ps) -> Checkpointer:
@@ -111,12 +56,51 @@ def build_checkpointer(cfg: Config, state: TrainState, ps) -> Checkpointer:
 
 def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
              forward_step: Callable) -> int:
+    """Train; the exit code. Supervised (see the module doc) unless in-place recovery is off,
+    GEMINI is off, or the caller already made the process group (then it trains here)."""
+    g = cfg.gemini
+    if not (g.gemini and g.gemini_inplace) or dist.is_initialized():
+        return train(cfg, model_provider, datasets_provider, forward_step, None)
+    supervisor = Supervisor(slot=int(os.environ.get("RANK", "0")), machine=machine_id(),
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")), log_dir=cfg.logging.log_dir,
+                            multi_rank=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    supervisor.start(collective_timeout(cfg))
+    threads = warm_up()
+    return supervisor.run(lambda ctx: train(cfg, model_provider, datasets_provider, forward_step, ctx,
+                                            threads=threads))
+
+
+def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, forward_step: Callable,
+          ctx: ChildContext | None, threads: int | None = None) -> int:
+    """Set up and run the training loop in this process. `ctx`: this process is a
+    supervisor's forked child (in-place recovery)."""
     t_start = time.time()
-    ps = initialize_distributed(cfg)
+    inplace = None
+    if ctx is not None:
+        if threads:
+            torch.set_num_threads(threads)   # the supervisor forks single-threaded (resilience/supervisor.py)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            inplace = InPlace(ctx, training_world_size(cfg), cfg.logging.log_dir, collective_timeout(cfg))
+            try:
+                if not inplace.start():
+                    return 0   # training finished while this process waited as a spare
+            except (ColdFallback, StoreLost) as exc:
+                record_failure(cfg.logging.log_dir, cause="inplace_fallback", rank=-1, machine=ctx.machine,
+                               iteration=0, detail=str(exc))
+                return EXIT_RESTART
+    ps = initialize_distributed(cfg, inplace.init_process_group if inplace is not None else None)
     setup_logging(ps.rank)
-    # Built right after rendezvous (its construction time is "rendezvous done"): a peer
-    # failure, a hang or SIGTERM from here on → record it and exit EXIT_RESTART.
-    failures = FailureHandler(cfg.logging.log_dir, ps.rank, machine_id(), cfg.gemini.gemini_hang_timeout)
+    # Built right after rendezvous (its construction time is "rendezvous done"): from here on
+    # a peer failure, a hang or SIGTERM is recorded, then recovered in place or exited for.
+    # A peer failure before the loop can recover in place (during set-up) re-forks this
+    # process warm when it is supervised in a multi-rank job.
+    failures = FailureHandler(cfg.logging.log_dir, ps.rank, machine_id(), cfg.gemini.gemini_hang_timeout,
+                              status=ctx.status if ctx is not None else None,
+                              exit_code=EXIT_REFORK if inplace is not None else EXIT_RESTART)
+    # A process joining a running job (a warm replacement, an adopted spare): its peers
+    # checked the inputs at the job's start and do not run those collectives again.
+    joining = inplace is not None and inplace.generation > 0
+    check_everywhere = (lambda ps_, fn: fn()) if joining else all_ranks_or_none
     t = cfg.training
     n_micro = num_micro_batches(cfg, ps.world_size)
     gbs = t.global_batch_size
@@ -134,16 +118,20 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
 
     # Bad input fails here, on every rank alike, before anything is written anywhere.
     try:
-        tcfg, (train_ds, valid_ds, _) = all_ranks_or_none(ps, read_inputs)
+        tcfg, (train_ds, valid_ds, _) = check_everywhere(ps, read_inputs)
         tracker = model_parallel_seed(t.seed, ps)
         setup = build_training_setup(cfg, tcfg, model_provider, ps, tracker)
-        all_ranks_or_none(ps, lambda: check_output_dirs(cfg, ps))
+        check_everywhere(ps, lambda: check_output_dirs(cfg, ps))
     except UsageError:
         # Nothing to flush or restart: torchrun's SIGTERM to a sibling that has not exited
         # yet must just end it, not record a failure and print a second line.
         failures.close()
         dist.destroy_process_group()   # every rank is here alike (all_ranks_or_none): leave quietly
         raise
+    if inplace is not None:
+        inplace.publish()
+    elif ctx is not None:
+        publish_worker(cfg.logging.log_dir, ctx, ps.rank, 0)   # a world of one
     model, tcfg, ddp, state = setup.model, setup.config, setup.ddp, setup.state
     optimizer, scheduler, progress = setup.optimizer, setup.scheduler, setup.progress
     logger = MetricsLogger(cfg.logging.log_dir, enabled=ps.rank == 0,
@@ -158,9 +146,16 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
     with failures.guard():
         checkpointer = build_checkpointer(cfg, state, ps)
         # Sets progress (iteration, consumed samples), weights, optimizer, RNG, ...
-        reporter.restored(checkpointer.restore())
+        record = checkpointer.restore()
+    if record is not None and ctx is not None and (ctx.incarnation > 0 or joining):
+        # a warm replacement: no Python restart, the survivors (if any) kept going
+        record.update(path="inplace", reformed_at=failures.rendezvous_done_at,
+                      generation=getattr(inplace, "generation", None))
+    reporter.restored(record)
     failures.attach(checkpointer)
     failures.start_watchdog()
+    if inplace is not None:
+        inplace.training()
     start_iteration = progress.iteration
     # Shards count TP times, replicated parameters (LayerNorms, positions) once.
     nparams = sum(p.numel() * (ps.tp_size if is_tensor_parallel(p) else 1) for p in model.parameters())
@@ -170,8 +165,9 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
         f"global batch {gbs} = {t.micro_batch_size} x {n_micro} micro x {ps.dp_size} DP; "
         f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.1f}s")
 
-    data_iter = micro_batches(train_ds, progress.consumed_samples, t.micro_batch_size,
-                              ps.dp_rank, ps.dp_size)
+    def train_iter():
+        return micro_batches(train_ds, progress.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp_size)
+    data_iter = train_iter()
     valid_iter_factory = (lambda: micro_batches(valid_ds, 0, t.micro_batch_size, ps.dp_rank, ps.dp_size)) \
         if valid_ds is not None else (lambda: None)
     tokens_per_iter = gbs * cfg.model.seq_length
@@ -180,44 +176,61 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
     clean = False
     try:
         while iteration < t.train_iters:
-            iteration += 1
-            t_iter = time.perf_counter()
-            out = train_step(forward_step, data_iter, model, ddp, optimizer, scheduler, progress,
-                             iteration=iteration, num_micro_batches=n_micro, global_batch_size=gbs,
-                             ps=ps, before_update=checkpointer.before_update,
-                             after_update=checkpointer.after_step)
-            failures.progress(iteration)
-            if iteration == start_iteration + 1:
-                reporter.first_iteration_done(iteration)
-            iter_time = time.perf_counter() - t_iter
-            window_iters += 1
-            window_loss = window_loss + out.loss.detach()
-            if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
-                # Megatron's reported loss: the mean over the log interval, not one noisy batch.
-                loss = reduce_mean_over_dp(window_loss / window_iters, ps)
-                elapsed = (time.perf_counter() - window_t0) / window_iters
+            try:
+                iteration += 1
+                t_iter = time.perf_counter()
+                out = train_step(forward_step, data_iter, model, ddp, optimizer, scheduler, progress,
+                                 iteration=iteration, num_micro_batches=n_micro, global_batch_size=gbs,
+                                 ps=ps, before_update=checkpointer.before_update,
+                                 after_update=checkpointer.after_step)
+                failures.progress(iteration)
+                if iteration == start_iteration + 1:
+                    reporter.first_iteration_done(iteration)
+                iter_time = time.perf_counter() - t_iter
+                window_iters += 1
+                window_loss = window_loss + out.loss.detach()
+                if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
+                    # Megatron's reported loss: the mean over the log interval, not one noisy batch.
+                    loss = reduce_mean_over_dp(window_loss / window_iters, ps)
+                    elapsed = (time.perf_counter() - window_t0) / window_iters
+                    window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
+                    record = {"iteration": iteration, "loss": loss, "lr": scheduler.get_lr(),
+                              "iter_time_s": elapsed, "last_iter_time_s": iter_time,
+                              "tokens_per_s": tokens_per_iter / elapsed, "grad_norm": out.grad_norm,
+                              "loss_scale": out.loss_scale, "consumed_samples": progress.consumed_samples,
+                              **checkpointer.stats()}
+                    if out.num_zeros_in_grad is not None:
+                        record["num_zeros_in_grad"] = out.num_zeros_in_grad
+                    logger.log_iteration(record)
+                    eta = elapsed * (t.train_iters - iteration)
+                    log.info(f"iter {iteration:6d}/{t.train_iters} | loss {loss:.4f} | "
+                             f"lr {record['lr']:.2e} | {elapsed * 1000:.0f} ms/it | "
+                             f"{record['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+                if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.train_iters):
+                    val = evaluate(forward_step, valid_iter_factory, model, eval_iters=t.eval_iters,
+                                   num_micro_batches=n_micro, ps=ps)
+                    if val is not None:
+                        logger.log_eval(iteration, {"loss": val})
+                        log.info(f"validation at iter {iteration}: loss {val:.4f}")
+                if t.exit_interval and iteration % t.exit_interval == 0:
+                    break
+            except BaseException as exc:
+                if inplace is None or not is_peer_failure(exc):
+                    raise
+                try:
+                    reporter.restored(recover_in_place(exc, inplace, ps, ddp, checkpointer, failures,
+                                                       cfg.logging.log_dir))
+                except (ColdFallback, StoreLost) as why:
+                    failures.exit_code = EXIT_RESTART   # the full restart, for every worker
+                    failures.fail("inplace_fallback", f"{exc!r}; in-place recovery gave up: {why}")
+                # Rolled back: every counter, the data position and the log window restart there.
+                iteration = start_iteration = progress.iteration
+                data_iter = train_iter()
                 window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
-                record = {"iteration": iteration, "loss": loss, "lr": scheduler.get_lr(),
-                          "iter_time_s": elapsed, "last_iter_time_s": iter_time,
-                          "tokens_per_s": tokens_per_iter / elapsed, "grad_norm": out.grad_norm,
-                          "loss_scale": out.loss_scale, "consumed_samples": progress.consumed_samples,
-                          **checkpointer.stats()}
-                if out.num_zeros_in_grad is not None:
-                    record["num_zeros_in_grad"] = out.num_zeros_in_grad
-                logger.log_iteration(record)
-                eta = elapsed * (t.train_iters - iteration)
-                log.info(f"iter {iteration:6d}/{t.train_iters} | loss {loss:.4f} | "
-                               f"lr {record['lr']:.2e} | {elapsed * 1000:.0f} ms/it | "
-                               f"{record['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
-            if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.train_iters):
-                val = evaluate(forward_step, valid_iter_factory, model, eval_iters=t.eval_iters,
-                               num_micro_batches=n_micro, ps=ps)
-                if val is not None:
-                    logger.log_eval(iteration, {"loss": val})
-                    log.info(f"validation at iter {iteration}: loss {val:.4f}")
-            if t.exit_interval and iteration % t.exit_interval == 0:
-                break
+                inplace.training()
         clean = True
+        if inplace is not None:
+            inplace.finish()
     except BaseException as exc:
         failures.handle(exc)   # a collective failure exits here, skipping the clean-up below
         raise
@@ -230,3 +243,61 @@ def pretrain(cfg: Config, model_provider: Callable, datasets_provider: Callable,
             dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def recover_in_place(exc: BaseException, inplace: InPlace, ps, ddp, checkpointer, failures, log_dir: str) -> dict:
+    """A peer failed: drop this generation's groups, join the next with the same rank, re-form
+    and roll back from memory. The recovery record (the restore's, with the re-formation's
+    timestamps). Another failure meanwhile starts over with the generation after."""
+    detected_at = time.time()
+    record_failure(log_dir, cause="collective_error", rank=ps.rank, machine=machine_id(),
+                   iteration=failures.iteration, detail=f"{type(exc).__name__}: {exc}; recovering in place")
+    log.warning(f"{type(exc).__name__} after iteration {failures.iteration}: recovering in place", extra=ALL_RANKS)
+    while True:
+        failures.restarted_clock(ps.rank)
+        stopped = checkpointer.abandon()
+        ddp.abandon_grad_sync()
+        ps.drop_groups()
+        if not stopped:
+            raise ColdFallback("a replication thread did not stop")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        aborted_at = time.time()
+        timing = inplace.rejoin()
+        try:
+            inplace.reinit_process_group()
+            ps.rebuild_groups()
+            reformed_at = time.time()
+            record = checkpointer.reform()
+            break
+        except BaseException as again:  # noqa: BLE001 - a second failure during the re-formation
+            if not is_peer_failure(again):
+                raise
+            log.warning(f"{type(again).__name__} during the re-formation: once more", extra=ALL_RANKS)
+    failures.restarted_clock(ps.rank)
+    record.update(path="inplace", detected_at=detected_at, aborted_at=aborted_at, reformed_at=reformed_at,
+                  **timing)
+    return record
+
+
+def warm_up() -> int:
+    """Before the first fork: load what a training process needs, so a re-forked one starts
+    warm, and run a tiny step on one thread (a forked child must not inherit a thread pool).
+    The intra-op thread count the children should restore."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    from gemini_lm.training.adamw import ForeachAdamW
+
+    importlib.import_module("gemini_lm.gemini.checkpointer")   # what build_checkpointer imports
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(2, 2, 4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    y = F.scaled_dot_product_attention(x @ w, x, x, is_causal=True)
+    F.cross_entropy(y.reshape(-1, 8), torch.zeros(y.numel() // 8, dtype=torch.long)).backward()
+    opt = ForeachAdamW([{"params": [w], "weight_decay": 0.1}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt.step()
+    return threads

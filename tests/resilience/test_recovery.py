@@ -42,10 +42,10 @@ def test_worker_kill_recovers_from_local_memory(byte_corpus, reference, tmp_path
     log_dir = str(tmp_path)
     run_cluster(log_dir, byte_corpus, injections=("worker:1@iteration=6",))
     rec = _one_recovery(log_dir)
-    assert rec["source"] == "local" and rec["failure_kind"] == "worker"
+    assert rec["source"] == "local" and rec["failure_kind"] == "worker" and rec["path"] == "inplace"
     assert rec["iteration"] >= 5 and rec["iterations_lost"] <= 1   # at most one iteration lost
-    assert rec["injected_at"] <= rec["detected_at"] <= rec["workers_started_at"] <= rec["rendezvous_done_at"] \
-        <= rec["loaded_at"] <= rec["first_iteration_at"]
+    assert rec["injected_at"] <= rec["detected_at"] <= rec["reformed_at"] <= rec["loaded_at"] \
+        <= rec["first_iteration_at"]
     assert rec["first_iteration"] == rec["iteration"] + 1
     injections = read_jsonl(os.path.join(log_dir, "injections.jsonl"))
     assert [i["kind"] for i in injections] == ["worker"] and injections[0]["victim_rank"] == 1
@@ -55,10 +55,14 @@ def test_worker_kill_recovers_from_local_memory(byte_corpus, reference, tmp_path
 
 
 def test_machine_kill_recovers_from_peer_onto_replacement(byte_corpus, reference, tmp_path):
+    # The full restart (cold path): a fresh machine joins and torchrun restarts every worker.
     log_dir = str(tmp_path)
-    run_cluster(log_dir, byte_corpus, injections=("machine:1@iteration=6",), cluster_flags=("--spares", "1"))
+    run_cluster(log_dir, byte_corpus, injections=("machine:1@iteration=6",), cluster_flags=("--spares", "1"),
+                train_flags=("--no-gemini-inplace",))
     rec = _one_recovery(log_dir)
     assert rec["source"] == "peer" and rec["failure_kind"] == "machine" and rec["bytes_moved"] > 0
+    assert rec["path"] == "restart" and rec["injected_at"] <= rec["detected_at"] <= rec["workers_started_at"] \
+        <= rec["rendezvous_done_at"] <= rec["loaded_at"] <= rec["first_iteration_at"]
     state = cluster_state(log_dir)
     assert [m["state"] for m in state["machines"]] == ["done", "dead", "done"]
     assert state["replacements"][0]["dead"] == "m1" and state["replacements"][0]["new"] == "m2"

@@ -1,0 +1,119 @@
+"""In-place recovery end to end: real torchrun machines, real signals, every failure kind,
+each run compared loss by loss and tensor by tensor with one failure-free run.
+
+2 training machines x 1 worker, TP=2 across them (a lost machine's shard then exists only
+as its peer's replica), 16 iterations of a tiny GPT; --spares adds warm spare machines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gemini_lm.resilience import procs
+from gemini_lm.resilience.events import read_jsonl
+from gemini_lm.resilience.injection import wait_for_iteration
+from tests.e2e import ROOT, read_losses, read_recoveries
+from tests.resilience.cluster import (TRAIN_ITERS, assert_nothing_left, assert_same_final_state,
+                                     assert_same_losses, cluster_state, run_cluster, train_args)
+
+pytestmark = pytest.mark.slow   # spawns processes
+
+
+@pytest.fixture(scope="module")
+def reference(byte_corpus, tmp_path_factory) -> str:
+    log_dir = str(tmp_path_factory.mktemp("reference"))
+    run_cluster(log_dir, byte_corpus, train_flags=("--no-gemini-inplace",))
+    return log_dir
+
+
+def _continued_exactly(reference: str, log_dir: str) -> None:
+    assert_same_losses(dict(read_losses(reference)), log_dir)
+    assert_same_final_state(os.path.join(reference, "ckpt"), os.path.join(log_dir, "ckpt"))
+    assert_nothing_left(log_dir)
+
+
+def _one(log_dir: str) -> dict:
+    recs = read_recoveries(log_dir)
+    assert len(recs) == 1, recs
+    return recs[0]
+
+
+def test_worker_kill_is_recovered_in_place(byte_corpus, reference, tmp_path):
+    log_dir = str(tmp_path)
+    run_cluster(log_dir, byte_corpus, injections=("worker:1@iteration=6",))
+    rec = _one(log_dir)
+    assert (rec["path"], rec["source"], rec["failure_kind"]) == ("inplace", "local", "worker")
+    assert rec["iterations_lost"] <= 1 and rec["first_iteration"] == rec["iteration"] + 1
+    for phase in ("detect_s", "abort_s", "reform_s", "retrieval_s", "first_iteration_s", "replacement_ready_s"):
+        assert rec[phase] is not None and rec[phase] >= 0, phase
+    # torchrun never saw a worker die: no agent restarted anything
+    assert all(m["state"] == "done" for m in cluster_state(log_dir)["machines"])
+    assert rec["restart_count"] == 0
+    _continued_exactly(reference, log_dir)
+
+
+def test_machine_kill_is_taken_over_by_a_warm_spare(byte_corpus, reference, tmp_path):
+    log_dir = str(tmp_path)
+    run_cluster(log_dir, byte_corpus, injections=("machine:1@iteration=6",), cluster_flags=("--spares", "1"))
+    rec = _one(log_dir)
+    assert (rec["path"], rec["source"], rec["failure_kind"]) == ("inplace", "peer", "machine")
+    assert rec["bytes_moved"] > 0 and rec["iterations_lost"] <= 1
+    state = cluster_state(log_dir)
+    assert [m["state"] for m in state["machines"]] == ["done", "dead", "done"]
+    assert state["replacements"] == []          # nobody joined the rendezvous: no restart
+    _continued_exactly(reference, log_dir)
+
+
+def test_hung_worker_is_killed_by_its_supervisor_and_recovered_in_place(byte_corpus, reference, tmp_path):
+    log_dir = str(tmp_path)
+    run_cluster(log_dir, byte_corpus, injections=("hang:1@iteration=6",),
+                train_flags=("--gemini-hang-timeout", "3"))
+    rec = _one(log_dir)
+    assert (rec["path"], rec["source"], rec["failure_kind"]) == ("inplace", "local", "hang")
+    assert rec["detected_at"] - rec["injected_at"] >= 3.0          # the watchdog's timeout first
+    causes = [f["cause"] for f in read_jsonl(os.path.join(log_dir, "failures.jsonl"))]
+    assert "worker_died" in causes                                  # its own supervisor killed it
+    _continued_exactly(reference, log_dir)
+
+
+def test_a_second_kill_during_the_reformation(byte_corpus, reference, tmp_path):
+    log_dir = str(tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "local_cluster.py"), "--machines", "2",
+           "--timeout", "200", "--", "pretrain_gpt.py",
+           *train_args(byte_corpus, log_dir, "--save", os.path.join(log_dir, "ckpt"),
+                       "--distributed-timeout-seconds", "20")]
+    cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_iteration(log_dir, 6, 0, timeout_s=120)
+        state = json.load(open(os.path.join(log_dir, "cluster.json")))
+        victims = {w["rank"]: w["pid"] for w in procs.workers(state["cluster_id"], log_dir)}
+        t0 = time.time()
+        os.kill(victims[1], signal.SIGKILL)
+        time.sleep(0.05)                    # rank 0 is now dropping its groups and re-forming
+        os.kill(victims[0], signal.SIGKILL)
+        with open(os.path.join(log_dir, "injections.jsonl"), "a") as f:   # for the recovery record
+            f.write(json.dumps({"time": t0, "kind": "worker", "target": 1}) + "\n")
+        assert cluster.wait(timeout=200) == 0, cluster.stderr.read()[-3000:]
+    finally:
+        if cluster.poll() is None:
+            cluster.kill()
+    recs = read_recoveries(log_dir)
+    assert recs and all(r["path"] == "inplace" and r["source"] == "local" for r in recs), recs
+    _continued_exactly(reference, log_dir)
+
+
+def test_a_lost_spare_changes_nothing_then_no_spare_means_the_full_restart(byte_corpus, reference, tmp_path):
+    log_dir = str(tmp_path)
+    run_cluster(log_dir, byte_corpus, cluster_flags=("--spares", "1"),
+                injections=("machine:2@iteration=3", "machine:1@iteration=8"))
+    rec = _one(log_dir)                     # the spare's loss is not a recovery
+    assert (rec["path"], rec["source"], rec["failure_kind"]) == ("restart", "peer", "machine")
+    state = cluster_state(log_dir)
+    assert [r["dead"] for r in state["replacements"]] == ["m2", "m1"]   # the cold path needs every node
+    _continued_exactly(reference, log_dir)
