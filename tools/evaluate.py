@@ -177,7 +177,8 @@ def failure_runs(ctx) -> dict:
                              "save_interval_rare": plan["persistent_rare"][0],
                              "modelled": {"checkpoint_iterations": k, "bandwidth_mbs": bandwidth,
                                           "highfreq_interval": plan["remote_highfreq"][0],
-                                          "strawman_interval": strawman, "paper": paper.lines()},
+                                          "strawman_interval": strawman, "paper": paper.lines(),
+                                          "shrunk": smoke},
                              "calibration": cal, "phases": list(br.PHASES), "labels": br.LABELS}
     return ctx.cache["failures"]
 
@@ -229,7 +230,9 @@ def report_wasted_time(res: dict) -> list[str]:
               f"process. HighFreq: `--async-save` every {mod['highfreq_interval']} iterations (one checkpoint after "
               f"the other); Strawman: every {mod['strawman_interval']}. Local disk (blocking saves, what this disk "
               f"allows): every {res['save_interval_frequent']} and {res['save_interval_rare']}. Every persistent run is "
-              "hit halfway between two completed checkpoints.", "",
+              "hit halfway between two completed checkpoints."
+              + (" Smoke mode: K and the Strawman interval are shrunk so the runs take seconds; these numbers are "
+                 "not the paper's comparison." if mod.get("shrunk") else ""), "",
               "Wasted, the paper's definition: stall + (iterations lost + 1/2) x iteration time + retrieval. "
               "End to end: injection -> back at the iteration reached, minus one iteration, plus the stall "
               "(includes detection, restart, rendezvous and set-up).", "",
