@@ -93,7 +93,7 @@ class CheckpointConfig:
                                  "in the background (GEMINI's persister always does)")
     persistent_bandwidth_mbs: float | None = _f(None, "pace every read and write of persistent shard files to "
                                                       "this many MB/s per process: models remote storage for "
-                                                      "benchmarks (0 or unset: the disk's own speed)")
+                                                      "benchmarks (default: the disk's own speed; 0 = the same)")
 
 
 @dataclass
