@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -103,6 +104,11 @@ class CheckpointConfig:
     load: str | None = _f(None, "directory to resume from (default: --save)")
     save_interval: int | None = _f(None, "persist every this many iterations")
     save_keep: int | None = _f(None, "keep only the newest K persistent checkpoints")
+    async_save: bool = _f(False, "without GEMINI: copy the state to a CPU buffer at the save point and write it "
+                                 "in the background (GEMINI's persister always does)")
+    persistent_bandwidth_mbs: float | None = _f(None, "pace every read and write of persistent shard files to "
+                                                      "this many MB/s per process: models remote storage for "
+                                                      "benchmarks (default: the disk's own speed; 0 = the same)")
 
 
 @dataclass
@@ -286,6 +292,11 @@ def validate(cfg: Config, world_size: int) -> None:
         raise UsageError("--save-interval needs --save")
     if c.save_keep is not None and c.save_keep < 1:
         raise UsageError("--save-keep must be >= 1")
+    if c.async_save and not c.save:
+        raise UsageError("--async-save needs --save")
+    bw = c.persistent_bandwidth_mbs
+    if bw is not None and not (math.isfinite(bw) and bw >= 0):
+        raise UsageError(f"--persistent-bandwidth-mbs {bw}: must be a number >= 0 (0 = unthrottled)")
     g = cfg.gemini
     if g.gemini_replication_interval < 0:
         raise UsageError("--gemini-replication-interval must be >= 0 (0 = automatic)")

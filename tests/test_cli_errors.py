@@ -70,6 +70,7 @@ def _corrupt_copy(src_prefix: str, dst_prefix: str, truncate: str | None = None,
     (["--log-dir", os.devnull + "/log"], "--log-dir"),
     (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory"),
     (["--device", "cpu", "--gemini-transport", "nccl"], "--gemini-transport nccl needs --device cuda"),
+    (["--persistent-bandwidth-mbs", "-5"], "--persistent-bandwidth-mbs -5.0: must be a number >= 0"),
 ])
 def test_bad_flags(run, flags, message):
     assert_usage_error(*run(*flags), message)

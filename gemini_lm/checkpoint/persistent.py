@@ -7,8 +7,16 @@
 A checkpoint directory is assembled under `iter_XXXXXXX.partial/` and renamed into place
 only when every shard is in and the manifest is written; the tracker moves after it. A
 crash at any point leaves the previous checkpoint as the newest complete one. Writers:
-the GEMINI persister (from a committed slot, in the background) and the blocking
-collective save of the non-GEMINI path (training/checkpointing.py).
+the GEMINI persister (from a committed slot, in the background) and the non-GEMINI path
+(training/checkpointing.py: a blocking collective save, or --async-save in the background).
+
+Background writers cannot gather the shards' manifest entries with a collective (it
+would race the training thread's collectives), so each leaves its entry in a sidecar
+file beside its shard (`write_shard_with_sidecar`), and one finalizer waits for every
+tensor-parallel shard's sidecar before it writes the manifest (`finalize_from_sidecars`).
+
+Every shard file is written and read through an optional `files.Throttle`
+(--persistent-bandwidth-mbs: modelled remote storage); manifest and tracker are not.
 """
 from __future__ import annotations
 
@@ -18,9 +26,10 @@ import shutil
 import time
 
 from gemini_lm.checkpoint.checksum import checksum
-from gemini_lm.checkpoint.files import file_metadata, read_file_bytes, tensors_from_bytes, write_file_atomic
+from gemini_lm.checkpoint.files import (Throttle, file_metadata, read_file_bytes, tensors_from_bytes,
+                                       write_file_atomic)
 from gemini_lm.checkpoint.naming import (FORMAT, MANIFEST, PARTIAL_SUFFIX, TRACKER, iter_dir_name,
-                                         parse_iter_dir_name, shard_file_name, shard_id)
+                                         parse_iter_dir_name, shard_file_name, shard_id, shard_sidecar_name)
 from gemini_lm.errors import UsageError
 
 
@@ -40,11 +49,41 @@ def partial_dir(save_dir: str, iteration: int) -> str:
     return os.path.join(save_dir, iter_dir_name(iteration) + PARTIAL_SUFFIX)
 
 
-def write_shard_file(partial: str, tp_rank: int, payload) -> dict:
-    """Write one shard's snapshot bytes (a safetensors file) and describe it for the manifest."""
+def write_shard_file(partial: str, tp_rank: int, payload, throttle: Throttle | None = None,
+                     known_checksum: str | None = None) -> dict:
+    """Write one shard's snapshot bytes (a safetensors file) and describe it for the manifest.
+    `known_checksum`: the payload's checksum when the caller has it (a committed slot)."""
     os.makedirs(partial, exist_ok=True)
-    write_file_atomic(os.path.join(partial, shard_file_name(tp_rank)), payload)
-    return {"file": shard_file_name(tp_rank), "nbytes": len(payload), "checksum": checksum(payload)}
+    write_file_atomic(os.path.join(partial, shard_file_name(tp_rank)), payload, throttle)
+    return {"file": shard_file_name(tp_rank), "nbytes": len(payload),
+            "checksum": known_checksum or checksum(payload)}
+
+
+def write_shard_with_sidecar(partial: str, tp_rank: int, payload, throttle: Throttle | None = None,
+                             known_checksum: str | None = None) -> dict:
+    """write_shard_file, then its manifest entry in a sidecar for finalize_from_sidecars."""
+    entry = write_shard_file(partial, tp_rank, payload, throttle, known_checksum)
+    write_file_atomic(os.path.join(partial, shard_sidecar_name(tp_rank)), json.dumps(entry).encode())
+    return entry
+
+
+def finalize_from_sidecars(save_dir: str, iteration: int, tp_size: int, extra: dict, keep: int | None,
+                           timeout_s: float) -> str:
+    """Wait until every tensor-parallel shard's sidecar is in `iteration`'s partial directory
+    (TimeoutError after `timeout_s`), then finalize_checkpoint with their entries."""
+    partial = partial_dir(save_dir, iteration)
+    deadline = time.monotonic() + timeout_s
+    sides = [os.path.join(partial, shard_sidecar_name(r)) for r in range(tp_size)]
+    while not all(os.path.exists(p) for p in sides):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{partial}: shards missing after {timeout_s:.0f}s")
+        time.sleep(0.05)
+    shards = {}
+    for r, p in enumerate(sides):
+        with open(p) as f:
+            shards[shard_id(r)] = json.load(f)
+        os.remove(p)
+    return finalize_checkpoint(save_dir, iteration, tp_size, shards, extra, keep)
 
 
 def finalize_checkpoint(save_dir: str, iteration: int, tp_size: int, shards: dict, extra: dict,
@@ -102,7 +141,8 @@ def read_manifest(load_dir: str, iteration: int) -> dict:
         raise UsageError(f"{path}: unreadable checkpoint manifest ({exc})") from None
 
 
-def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int) -> tuple[dict, dict]:
+def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int,
+               throttle: Throttle | None = None) -> tuple[dict, dict]:
     """(tensors, metadata) of one shard of a persistent checkpoint, verified against the manifest."""
     manifest = read_manifest(load_dir, iteration)
     try:
@@ -116,7 +156,7 @@ def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int) -> tup
                          f"{saved_tp}, this run uses {tp_size}")
     path = os.path.join(load_dir, iter_dir_name(iteration), entry["file"])
     try:
-        payload = read_file_bytes(path)
+        payload = read_file_bytes(path, throttle)
     except OSError as exc:
         raise UsageError(f"{path}: unreadable checkpoint file ({exc.strerror})") from None
     if len(payload) != nbytes or checksum(payload) != expected:
@@ -127,13 +167,14 @@ def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int) -> tup
         raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def load_checkpoint(load_dir: str | None, state, tp_rank: int, tp_size: int) -> int | None:
+def load_checkpoint(load_dir: str | None, state, tp_rank: int, tp_size: int,
+                    throttle: Throttle | None = None) -> int | None:
     """Restore `state` (anything with .load(tensors)) from the newest persistent checkpoint;
     the iteration, or None if there is none."""
     iteration = latest_iteration(load_dir)
     if iteration is None:
         return None
-    tensors, _ = read_shard(load_dir, iteration, tp_rank, tp_size)
+    tensors, _ = read_shard(load_dir, iteration, tp_rank, tp_size, throttle)
     try:
         state.load(tensors)
     except (KeyError, ValueError) as exc:

@@ -2,7 +2,7 @@
 
 Two implementations: GEMINI's `gemini.checkpointer.Checkpointer` (a snapshot in memory
 every iteration, peers, persistence in the background) and the plain
-`training.checkpointing.PersistentCheckpointer` (blocking saves to --save). Like
+`training.checkpointing.PersistentCheckpointer` (saves to --save, blocking or --async-save). Like
 torchtitan's checkpoint manager, the loop calls `before_update` just before the
 optimizer update and `after_step` right after it; nothing else of the checkpointer's
 insides (slots, peers, files) is visible to the loop or the handler.
@@ -19,7 +19,7 @@ class Checkpointer(Protocol):
     def restore(self) -> dict | None:
         """At start-up: load the newest state there is (memory, peers, disk) or start fresh.
         Returns the recovery record (gemini/restore.py: source, iteration, phases) for the
-        RecoveryReporter, or None for a checkpointer that keeps no such records."""
+        RecoveryReporter, or None when there is nothing to report."""
 
     def before_update(self) -> None:
         """Just before the optimizer update: the previous snapshot has finished reading the state."""

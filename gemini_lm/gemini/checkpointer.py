@@ -26,6 +26,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from gemini_lm.checkpoint.files import Throttle
 from gemini_lm.checkpoint.naming import shard_ids
 from gemini_lm.checkpoint.persistent import check_writable, latest_iteration
 from gemini_lm.checkpoint.protocol import WindowHook
@@ -64,12 +65,14 @@ class Checkpointer:
         self.persister: Persister | None = None
         self._window_hook: WindowHook | None = None
         save = cfg.checkpoint.save
+        # Modelled remote storage for persistent writes and the fallback's reads (benchmarks).
+        self.throttle = Throttle.from_mbs(cfg.checkpoint.persistent_bandwidth_mbs)
         if save:
             check_writable(save)
         if save and topo.is_writer and ps.dp_rank == 0:
             self.persister = Persister(self.store, save, ps.tp_rank, ps.tp_size, finalizer=ps.rank == 0,
                                        keep=cfg.checkpoint.save_keep, manifest=state.manifest,
-                                       window_hook=self._in_window)
+                                       window_hook=self._in_window, throttle=self.throttle)
         self._stats: dict = {}
         self.last_record = None
         self._pending = None
@@ -103,7 +106,7 @@ class Checkpointer:
         topo = self.topology
         try:
             record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
-                                   self.cfg.checkpoint.load)
+                                   self.cfg.checkpoint.load, self.throttle)
         except UsageError:
             if topo.is_leader and not self.store.records():
                 self.store.wipe()   # it holds nothing: bad input leaves no empty store behind

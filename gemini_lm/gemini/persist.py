@@ -5,24 +5,22 @@ The training thread only hands over a commit record; a background thread pins th
 safetensors file — into `<save>/iter_XXXXXXX.partial/`, and drops a small sidecar with
 the file's size and checksum. The finalizer (global rank 0) waits until every
 tensor-parallel shard's sidecar is there, then writes the manifest, renames the
-directory into place and moves the tracker last (checkpoint/persistent.py), so a crash
-at any point leaves the previous checkpoint intact. `--save` must be a filesystem every
-writer sees (as in Megatron).
+directory into place and moves the tracker last (checkpoint/persistent.py:
+write_shard_with_sidecar, finalize_from_sidecars), so a crash at any point leaves the
+previous checkpoint intact. `--save` must be a filesystem every writer sees (as in
+Megatron). Shard writes go through `throttle` (--persistent-bandwidth-mbs).
 
 If a persist is still running when the next one is due, the new one is skipped and
 counted: persistence is a fallback, it must never slow training down.
 """
 from __future__ import annotations
 
-import json
-import os
 import queue
 import threading
 import time
 
-from gemini_lm.checkpoint.files import write_file_atomic
-from gemini_lm.checkpoint.naming import shard_file_name, shard_id, shard_sidecar_name
-from gemini_lm.checkpoint.persistent import finalize_checkpoint, partial_dir
+from gemini_lm.checkpoint.files import Throttle
+from gemini_lm.checkpoint.persistent import finalize_from_sidecars, partial_dir, write_shard_with_sidecar
 from gemini_lm.log import get_logger
 
 log = get_logger(__name__)
@@ -30,10 +28,12 @@ log = get_logger(__name__)
 
 class Persister:
     def __init__(self, store, save_dir: str, tp_rank: int, tp_size: int, *, finalizer: bool,
-                 keep: int | None, manifest: dict, finalize_timeout_s: float = 600.0, window_hook=None):
+                 keep: int | None, manifest: dict, finalize_timeout_s: float = 600.0, window_hook=None,
+                 throttle: Throttle | None = None):
         """`manifest`: what the finalizer's manifest.json records beside the shards (TrainState.manifest).
         `window_hook(window, iteration)` runs inside the persist window (failure injection)."""
         self.store, self.save_dir, self.tp_rank, self.tp_size = store, save_dir, tp_rank, tp_size
+        self.throttle = throttle
         self.finalizer, self.keep, self.manifest = finalizer, keep, manifest
         self.finalize_timeout_s = finalize_timeout_s
         self.skipped = 0
@@ -76,26 +76,11 @@ class Persister:
         """Write one shard (and, on the finalizer, the whole checkpoint). Runs on the thread,
         or on the SIGTERM flush (Checkpointer.flush) with its own deadline."""
         partial = partial_dir(self.save_dir, rec.iteration)
-        os.makedirs(partial, exist_ok=True)
         with self.store.open(rec, verify=False) as view:   # checksum was checked when written
-            write_file_atomic(os.path.join(partial, shard_file_name(self.tp_rank)), view.buffer)
-        side = {"file": shard_file_name(self.tp_rank), "nbytes": rec.nbytes, "checksum": rec.checksum}
-        write_file_atomic(os.path.join(partial, shard_sidecar_name(self.tp_rank)), json.dumps(side).encode())
+            write_shard_with_sidecar(partial, self.tp_rank, view.buffer, self.throttle, known_checksum=rec.checksum)
         if self.finalizer:
-            self._finalize(rec.iteration, partial, finalize_timeout_s or self.finalize_timeout_s)
-
-    def _finalize(self, iteration: int, partial: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        sides = [os.path.join(partial, shard_sidecar_name(r)) for r in range(self.tp_size)]
-        while not all(os.path.exists(p) for p in sides):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{partial}: shards missing after {timeout_s:.0f}s")
-            time.sleep(0.05)
-        shards = {}
-        for r, p in enumerate(sides):
-            shards[shard_id(r)] = json.load(open(p))
-            os.remove(p)
-        finalize_checkpoint(self.save_dir, iteration, self.tp_size, shards, self.manifest, self.keep)
+            finalize_from_sidecars(self.save_dir, rec.iteration, self.tp_size, self.manifest, self.keep,
+                                   finalize_timeout_s or self.finalize_timeout_s)
 
     def wait(self) -> None:
         self._jobs.join()

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from gemini_lm.checkpoint.checksum import CorruptSnapshotError, checksum
+from gemini_lm.checkpoint.files import Throttle
 from gemini_lm.checkpoint.persistent import latest_iteration, load_checkpoint
 from gemini_lm.checkpoint.snapshot import as_byte_tensor, read_tensors
 from gemini_lm.gemini.recovery_plan import plan_recovery, stale_records
@@ -46,8 +47,10 @@ def _verified_inventory(store) -> list[dict]:
     return good
 
 
-def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir: str | None) -> dict:
-    """Load the newest consistent state into `state`; the recovery record (see the module doc)."""
+def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir: str | None,
+                  throttle: Throttle | None = None) -> dict:
+    """Load the newest consistent state into `state`; the recovery record (see the module doc).
+    `throttle`: paces the persistent fallback's read (modelled remote storage)."""
     t0 = time.time()
     inventory = _verified_inventory(store) if topo.is_leader else None
     gathered: list = [None] * ps.world_size
@@ -73,7 +76,7 @@ def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir:
         source = "peer" if "peer" in set(plan.source.values()) else "local"
     elif persistent_it is not None:
         t_retrieved = time.time()
-        it = load_checkpoint(load_dir, state, ps.tp_rank, ps.tp_size)
+        it = load_checkpoint(load_dir, state, ps.tp_rank, ps.tp_size, throttle)
         source = "persistent"
     else:
         t_retrieved = time.time()

@@ -89,7 +89,7 @@ class RecoveryReporter:
                 log.warning("GEMINI found no checkpoint in memory and none on disk: "
                             "STARTING FRESH FROM ITERATION 0")
         else:
-            log.info(f"GEMINI recovery: iteration {record['iteration']} from {record['source']} "
+            log.info(f"recovery: iteration {record['iteration']} from {record['source']} "
                      f"({record['bytes_moved'] / 2**20:.1f} MiB moved) in {record['total_s']:.2f}s")
         self.pending = dict(record)
         self.pending["last_logged_iteration"] = _last_logged_iteration(self.metrics_path)

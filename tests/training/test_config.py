@@ -36,10 +36,22 @@ def test_load_defaults_to_save(tmp_path):
     (["--num-layers", "x"], 1, "invalid int value"),
     (["--no-such-flag"], 1, "unrecognized arguments"),
     (["--gemini-placement", "star"], 1, "invalid choice"),
+    (["--persistent-bandwidth-mbs", "-1"], 1, "--persistent-bandwidth-mbs -1.0: must be a number >= 0"),
+    (["--persistent-bandwidth-mbs", "nan"], 1, "--persistent-bandwidth-mbs nan"),
+    (["--persistent-bandwidth-mbs", "inf"], 1, "--persistent-bandwidth-mbs inf"),
+    (["--async-save"], 1, "--async-save needs --save"),
 ])
 def test_bad_input_is_a_usage_error(argv, world, msg):
     with pytest.raises(UsageError, match=msg):
         parse_config(argv, world_size=world)
+
+
+def test_persistent_bandwidth_zero_is_unthrottled(tmp_path):
+    from gemini_lm.checkpoint.files import Throttle
+
+    cfg = parse_config(["--save", str(tmp_path), "--async-save", "--persistent-bandwidth-mbs", "0"], world_size=1)
+    assert cfg.checkpoint.async_save and Throttle.from_mbs(cfg.checkpoint.persistent_bandwidth_mbs) is None
+    assert Throttle.from_mbs(2.5) == Throttle(2.5e6)
 
 
 def test_every_field_has_help():
