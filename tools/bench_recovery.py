@@ -1,9 +1,18 @@
-"""Wasted time per failure: GEMINI (memory) vs. persistent checkpoints, side by side in one run.
+"""Recovery time and wasted time per failure: GEMINI's paths vs. persistent checkpoints, in one run.
 
     python tools/bench_recovery.py                     # 2 machines x 1 worker, TP=2, tiny GPT
+    python tools/bench_recovery.py --parts inplace     # only the recovery-time part
     python tools/bench_recovery.py --checkpoint-iterations 6 -- --hidden-size 256 --num-layers 4
 
-For a worker kill and a machine kill it runs tools/local_cluster.py once with GEMINI and
+Part "inplace": recovery time by path, --failures failures of each kind in one run each,
+measured from each injection's timestamp to the first iteration completed after it
+(recovery.jsonl, joined to its injection): in place (the default) for a worker kill, a
+machine kill onto a warm spare machine (one spare per failure) and a hung worker (from
+its detection, after --gemini-hang-timeout); the full restart (--no-gemini-inplace) and
+no GEMINI (a blocking save every iteration) for a worker kill, side by side.
+
+Part "paper":
+for a worker kill and a machine kill it runs tools/local_cluster.py once with GEMINI and
 once per persistent baseline (--no-gemini), injects the failure, and measures it from
 metrics.jsonl, injections.jsonl and recovery.jsonl (--log-interval 1). The baselines:
 
@@ -231,6 +240,66 @@ def run_failures(args, work: str, kind: str, plan: dict, names, inject_at: int, 
     return res
 
 
+INPLACE_KINDS = {   # name -> (injection kind, cluster flags, training flags, victims in turn)
+    "inplace_worker_kill": ("worker", (), (), (1, 0)),
+    "inplace_machine_kill": ("machine", None, (), None),          # spares and victims: see repeated()
+    "inplace_hang": ("hang", (), ("--gemini-hang-timeout", "2"), (1, 0)),
+    "restart_worker_kill": ("worker", (), ("--no-gemini-inplace",), (1, 0)),
+    "nogemini_worker_kill": ("worker", (), ("--no-gemini", "--save", None, "--save-interval", "1"), (1, 0)),
+}
+
+
+def repeated(args, work: str, name: str, failures: int, every: int = 10) -> dict:
+    """One run with `failures` injections of one kind, `every` iterations apart: per failure,
+    seconds from the injection to the first iteration after it (for a hang: from its
+    detection), the path and iterations lost."""
+    kind, cluster_flags, train_extra, victims = INPLACE_KINDS[name]
+    log = os.path.join(work, name)
+    flags = [os.path.join(work, f"{name}_ckpt") if f is None else f for f in train_extra]
+    if kind == "machine":   # the k-th kill takes the machine that adopted rank 1 last: slot 1, then 2, 3...
+        injections = [f"machine:{1 + k}@iteration={every * (k + 1)}" for k in range(failures)]
+        cluster_flags = ("--spares", str(failures))
+    else:
+        injections = [f"{kind}:{victims[k % len(victims)]}@iteration={every * (k + 1)}" for k in range(failures)]
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "local_cluster.py"), "--machines", str(args.machines),
+           "--procs-per-machine", "1", "--timeout", "1200", *cluster_flags,
+           *[a for i in injections for a in ("--inject", i)],
+           "--", "pretrain_gpt.py", *train_flags(args.corpus, log, every * (failures + 1), flags + args.extra)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\nexit {out.returncode}\n{out.stderr[-2000:]}")
+    records = read_jsonl(os.path.join(log, "recovery.jsonl"))
+    per = []
+    for inj in read_jsonl(os.path.join(log, "injections.jsonl")):
+        rec = next((r for r in records if r.get("injected_at") == inj["time"]), None)
+        if rec is None:
+            continue   # two injections before one recovery: the record joins the newer one
+        start = rec["detected_at"] if kind == "hang" else inj["time"]
+        per.append({"s": rec["first_iteration_at"] - start, "path": rec.get("path", "restart"),
+                    "lost": rec.get("iterations_lost"), "source": rec["source"],
+                    **{p: rec.get(p) for p in ("detect_s", "abort_s", "reform_s", "replacement_ready_s",
+                                               "restart_s", "rendezvous_s", "setup_s", "retrieval_s",
+                                               "first_iteration_s")}})
+    secs = [p["s"] for p in per]
+    return {"kind": kind, "failures": len(per), "injected": len(injections), "p50_s": statistics.median(secs),
+            "max_s": max(secs), "paths": sorted({p["path"] for p in per}),
+            "lost_max": max((p["lost"] or 0) for p in per), "per_failure": per}
+
+
+def print_repeated(res: dict) -> None:
+    print(f"{'recovery':24} {'path':8} {'n':>3} {'p50_s':>7} {'max_s':>7} {'lost':>4}   median phases (s)")
+    for name, r in res.items():
+        phases = {}
+        for p in ("detect_s", "abort_s", "reform_s", "replacement_ready_s", "restart_s", "rendezvous_s",
+                  "setup_s", "retrieval_s", "first_iteration_s"):
+            vals = [f[p] for f in r["per_failure"] if f.get(p) is not None]
+            if vals:
+                phases[p[:-2]] = statistics.median(vals)
+        shown = " ".join(f"{k} {v:.3f}" for k, v in phases.items())
+        print(f"{name:24} {'/'.join(r['paths']):8} {r['failures']:3d} {r['p50_s']:7.3f} {r['max_s']:7.3f} "
+              f"{r['lost_max']:4d}   {shown}")
+
+
 def summarize(res: dict) -> dict:
     """Ratios of one failure kind: best baseline / GEMINI, each definition, each storage."""
     g = res["gemini"]
@@ -273,9 +342,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="modelled Strawman: hours of the paper's iterations between checkpoints")
     p.add_argument("--rare-factor", type=int, default=10, help="local-disk Strawman: interval = factor x HighFreq")
     p.add_argument("--work-dir", default=None, help="keep runs here (default: a temporary directory)")
+    p.add_argument("--parts", default="inplace,paper", help="inplace (recovery time by path), paper (wasted time)")
+    p.add_argument("--failures", type=int, default=5, help="part inplace: failures of each kind")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if not args.checkpoint_iterations >= 1 or not args.strawman_hours > 0:
         p.error("--checkpoint-iterations must be >= 1 and --strawman-hours > 0")
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"inplace", "paper"} or args.failures < 1:
+        p.error("--parts takes inplace and/or paper; --failures must be >= 1")
     args.extra = extra
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_recovery_")
     os.makedirs(work, exist_ok=True)
@@ -283,6 +357,30 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     k = args.checkpoint_iterations
     strawman = max(1, round(args.strawman_hours * 3600 / paper.iteration_s))
+    result: dict = {"load_average_start": load[0]}
+    try:
+        if "inplace" in parts:
+            inplace = {name: repeated(args, work, name, args.failures) for name in INPLACE_KINDS}
+            result["inplace"] = inplace
+            result.update({
+                "inplace_worker_kill_s_p50": inplace["inplace_worker_kill"]["p50_s"],
+                "inplace_machine_kill_s_p50": inplace["inplace_machine_kill"]["p50_s"],
+                "inplace_hang_after_detect_s_p50": inplace["inplace_hang"]["p50_s"],
+                "restart_worker_kill_s_p50": inplace["restart_worker_kill"]["p50_s"],
+                "nogemini_worker_kill_s_p50": inplace["nogemini_worker_kill"]["p50_s"],
+                "iterations_lost_max": max(r["lost_max"] for n, r in inplace.items() if n.startswith("inplace"))})
+            print_repeated(inplace)
+    except BaseException:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if "paper" not in parts:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        result["load_average_end"] = os.getloadavg()[0]
+        print(f"load average {load[0]:.2f} at the start, {result['load_average_end']:.2f} at the end")
+        print(json.dumps(result, sort_keys=True))
+        return 0
     print("The paper's setting (tools/bench_recovery.py: PaperSetting):", *paper.lines(), sep="\n  ", flush=True)
     try:
         cal = calibrate(args, work)
@@ -295,13 +393,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{strawman}.\n  Local disk: blocking save {cal['save_s'] * 1e3:.1f} ms -> HighFreq every "
               f"{plan['persistent_frequent'][0]}, Strawman every {plan['persistent_rare'][0]}. "
               f"Load average {load[0]:.2f}.", flush=True)
-        rows, result = [], {"save_interval_frequent": plan["persistent_frequent"][0],
-                            "save_interval_rare": plan["persistent_rare"][0],
-                            "modelled": {"checkpoint_iterations": k, "bandwidth_mbs": bw,
-                                         "highfreq_interval": plan["remote_highfreq"][0],
-                                         "strawman_interval": strawman, "calibration": cal,
-                                         "paper": paper.lines()},
-                            "load_average_start": load[0]}
+        rows = []
+        result.update({"save_interval_frequent": plan["persistent_frequent"][0],
+                       "save_interval_rare": plan["persistent_rare"][0],
+                       "modelled": {"checkpoint_iterations": k, "bandwidth_mbs": bw,
+                                    "highfreq_interval": plan["remote_highfreq"][0],
+                                    "strawman_interval": strawman, "calibration": cal,
+                                    "paper": paper.lines()}})
         for kind in ("worker", "machine"):
             res = run_failures(args, work, kind, plan, ("gemini", *REMOTE, *LOCAL_DISK), args.inject_at)
             for name, m in res.items():
@@ -312,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     result["load_average_end"] = os.getloadavg()[0]
+    if "inplace" in result:
+        print_repeated(result["inplace"])
     print_table(rows)
     for kind in ("worker", "machine"):
         r = result[kind]

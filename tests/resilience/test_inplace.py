@@ -19,7 +19,7 @@ from gemini_lm.resilience import procs
 from gemini_lm.resilience.events import read_jsonl
 from gemini_lm.resilience.injection import wait_for_iteration
 from tests.e2e import ROOT, read_losses, read_recoveries
-from tests.resilience.cluster import (TRAIN_ITERS, assert_nothing_left, assert_same_final_state,
+from tests.resilience.cluster import (assert_nothing_left, assert_same_final_state,
                                      assert_same_losses, cluster_state, run_cluster, train_args)
 
 pytestmark = pytest.mark.slow   # spawns processes
