@@ -261,6 +261,12 @@ def recover_in_place(exc: BaseException, inplace: InPlace, ps, ddp, checkpointer
         if not stopped:
             raise ColdFallback("a replication thread did not stop")
         if dist.is_initialized():
+            if "nccl" in str(dist.get_backend()):
+                # NCCL communicators may still wait on the dead peer: abort them first, or
+                # destroying them waits for their timeout. (gloo has nothing to abort.)
+                abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+                if abort is not None:
+                    abort()
             dist.destroy_process_group()
         aborted_at = time.time()
         timing = inplace.rejoin()
