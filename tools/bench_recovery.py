@@ -61,7 +61,9 @@ from gemini_lm.errors import UsageArgumentParser, run_cli
 from gemini_lm.resilience.events import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("detect_s", "restart_s", "rendezvous_s", "setup_s", "retrieval_s", "first_iteration_s")
+# The phases of both recovery paths (recovery_report.PHASES): in place, then the full restart.
+PHASES = ("detect_s", "abort_s", "reform_s", "restart_s", "rendezvous_s", "setup_s", "retrieval_s",
+          "first_iteration_s")
 LABELS = {"gemini": "GEMINI", "remote_highfreq": "HighFreq", "remote_strawman": "Strawman",
           "persistent_frequent": "HighFreq (local disk)", "persistent_rare": "Strawman (local disk)"}
 REMOTE = ("remote_highfreq", "remote_strawman")

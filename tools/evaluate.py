@@ -266,9 +266,12 @@ def section_phases(ctx) -> dict:
     fig, ax = plt.subplots(figsize=(6, 2.6))
     kinds = list(res["phases_s"])
     left = [0.0] * len(kinds)
-    colours = dict(zip(phases, ("#d62728", "#ff7f0e", "#bcbd22", "#7f7f7f", "#2ca02c", "#1f77b4")))
+    colours = dict(zip(phases, ("#d62728", "#9467bd", "#e377c2", "#ff7f0e", "#bcbd22", "#7f7f7f", "#2ca02c",
+                                 "#1f77b4")))
     for p in phases:
         vals = [res["phases_s"][k][p] or 0.0 for k in kinds]
+        if not any(vals):
+            continue   # a phase of the other recovery path: no bar, no legend entry
         ax.barh([f"{k} kill\n({res['source'][k]})" for k in kinds], vals, left=left, label=p[:-2], color=colours[p])
         left = [a + b for a, b in zip(left, vals)]
     ax.set_xlabel("seconds from the failure to the first iteration after it")

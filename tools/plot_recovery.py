@@ -17,10 +17,16 @@ import os
 from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience.events import FAILURES, INJECTIONS, read_jsonl
 
-# (phase, record key where it ends, colour); each phase starts where the previous ended.
-PHASES = (("detect", "detected_at", "#d62728"), ("restart", "workers_started_at", "#ff7f0e"),
-          ("rendezvous", "rendezvous_done_at", "#bcbd22"), ("setup", "restore_started_at", "#7f7f7f"),
-          ("retrieval", "loaded_at", "#2ca02c"), ("first iteration", "first_iteration_at", "#1f77b4"))
+# Per recovery path: (phase, record key where it ends, colour); each phase starts where the
+# previous ended (resilience/recovery_report.py).
+PHASES = {
+    "restart": (("detect", "detected_at", "#d62728"), ("restart", "workers_started_at", "#ff7f0e"),
+                ("rendezvous", "rendezvous_done_at", "#bcbd22"), ("setup", "restore_started_at", "#7f7f7f"),
+                ("retrieval", "loaded_at", "#2ca02c"), ("first iteration", "first_iteration_at", "#1f77b4")),
+    "inplace": (("detect", "detected_at", "#d62728"), ("abort", "aborted_at", "#9467bd"),
+                ("re-form", "reformed_at", "#e377c2"), ("retrieval", "loaded_at", "#2ca02c"),
+                ("first iteration", "first_iteration_at", "#1f77b4")),
+}
 
 
 def load_run(log_dir: str) -> dict:
@@ -50,7 +56,7 @@ def phase_spans(rec: dict) -> list[tuple[str, float, float, str]]:
     """(phase, start, end, colour) from the failure (injection, else detection) to the first iteration."""
     start = rec.get("injected_at") or rec.get("detected_at") or rec.get("workers_started_at")
     spans = []
-    for name, key, colour in PHASES:
+    for name, key, colour in PHASES[rec.get("path", "restart")]:
         end = rec.get(key)
         if end is None or start is None:
             continue
