@@ -9,12 +9,15 @@ Sample j is tokens [j*seq_length, j*seq_length + seq_length + 1) of that stream,
 consecutive samples share one token (the last input is the next sample's first) and
 samples run across document boundaries. Everything is numpy and a pure function of
 (sequence lengths, split, seq_length, num_samples, seed): every rank builds the same
-indices without talking to the others.
+indices without talking to the others, once: they are cached on disk (index_cache.py).
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
+from gemini_lm.data.index_cache import cache_key, cached
 from gemini_lm.data.indexed_dataset import IndexedDataset
 from gemini_lm.errors import UsageError
 
@@ -44,14 +47,20 @@ class GPTDataset:
             from_final = num_samples - samples_before_final
             separate_final_epoch = from_final < int(0.80 * samples_per_epoch)
 
-        rng = np.random.RandomState(seed)
-        self.document_index = _build_document_index(documents, num_epochs, rng,
-                                                     separate_final_epoch)
-        self.sample_index = _build_sample_index(sizes, self.document_index, seq_length,
-                                                num_epochs * tokens_per_epoch)
-        total = len(self.sample_index) - 1
-        self.shuffle_index = _build_shuffle_index(
-            samples_before_final if separate_final_epoch else total, total, rng)
+        def build():
+            rng = np.random.RandomState(seed)
+            document_index = _build_document_index(documents, num_epochs, rng, separate_final_epoch)
+            sample_index = _build_sample_index(sizes, document_index, seq_length, num_epochs * tokens_per_epoch)
+            total = len(sample_index) - 1
+            shuffle_index = _build_shuffle_index(samples_before_final if separate_final_epoch else total,
+                                                 total, rng)
+            return document_index, sample_index, shuffle_index
+
+        key = cache_key("GPTDataset", indexed_dataset.path_prefix, name=name, seed=seed, seq_length=seq_length,
+                        num_samples=num_samples,
+                        documents=hashlib.sha256(np.ascontiguousarray(documents, dtype=np.int64)).hexdigest())
+        self.document_index, self.sample_index, self.shuffle_index = cached(
+            key, ("document_index", "sample_index", "shuffle_index"), build)
 
     def __len__(self) -> int:
         return len(self.sample_index) - 1

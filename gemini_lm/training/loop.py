@@ -88,7 +88,9 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
                 record_failure(cfg.logging.log_dir, cause="inplace_fallback", rank=-1, machine=ctx.machine,
                                iteration=0, detail=str(exc))
                 return EXIT_RESTART
+    marks = [("join", time.time())]   # set-up phases, printed with the first console line
     ps = initialize_distributed(cfg, inplace.init_process_group if inplace is not None else None)
+    marks.append(("groups", time.time()))
     setup_logging(ps.rank)
     # Built right after rendezvous (its construction time is "rendezvous done"): from here on
     # a peer failure, a hang or SIGTERM is recorded, then recovered in place or exited for.
@@ -119,9 +121,11 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
     # Bad input fails here, on every rank alike, before anything is written anywhere.
     try:
         tcfg, (train_ds, valid_ds, _) = check_everywhere(ps, read_inputs)
+        marks.append(("data", time.time()))
         tracker = model_parallel_seed(t.seed, ps)
         setup = build_training_setup(cfg, tcfg, model_provider, ps, tracker)
         check_everywhere(ps, lambda: check_output_dirs(cfg, ps))
+        marks.append(("model", time.time()))
     except UsageError:
         # Nothing to flush or restart: torchrun's SIGTERM to a sibling that has not exited
         # yet must just end it, not record a failure and print a second line.
@@ -145,8 +149,10 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
                                 failures.rendezvous_done_at, enabled=ps.rank == 0)
     with failures.guard():
         checkpointer = build_checkpointer(cfg, state, ps)
+        marks.append(("checkpointer", time.time()))
         # Sets progress (iteration, consumed samples), weights, optimizer, RNG, ...
         record = checkpointer.restore()
+        marks.append(("restore", time.time()))
     if record is not None and ctx is not None and (ctx.incarnation > 0 or joining):
         # a warm replacement: no Python restart, the survivors (if any) kept going
         record.update(path="inplace", reformed_at=failures.rendezvous_done_at,
@@ -163,7 +169,8 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         f"gemini_lm: world {ps.world_size} (TP {ps.tp_size} x DP {ps.dp_size}) on {ps.device}; "
         f"{tcfg.num_layers} layers, hidden {tcfg.hidden_size}, {nparams / 1e6:.2f}M params; "
         f"global batch {gbs} = {t.micro_batch_size} x {n_micro} micro x {ps.dp_size} DP; "
-        f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.1f}s")
+        f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.2f}s ("
+        + ", ".join(f"{name} {b - a:.2f}" for (_, a), (name, b) in zip(marks, marks[1:])) + ")")
 
     def train_iter():
         return micro_batches(train_ds, progress.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp_size)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,22 @@ def test_bad_splits(corpus):
         build_gpt_datasets(corpus, "a,b", 8, 1, (1, 1, 1))
     with pytest.raises(UsageError, match="--split"):
         build_gpt_datasets(corpus, "1,1,1,1", 8, 1, (1, 1, 1))
+
+
+def test_indices_are_cached_and_rebuilt_when_the_corpus_changes(corpus, tmp_path, monkeypatch):
+    from gemini_lm.data.index_cache import cache_dir
+
+    monkeypatch.setenv("GEMINI_LM_CACHE", str(tmp_path / "cache"))
+    prefix = corpus
+    first = GPTDataset(IndexedDataset(prefix), np.arange(5, dtype=np.int32), 8, 4, seed=3)
+    files = sorted(os.listdir(cache_dir()))
+    assert len(files) == 3 and all(f.endswith(".npy") for f in files)
+    again = GPTDataset(IndexedDataset(prefix), np.arange(5, dtype=np.int32), 8, 4, seed=3)
+    assert isinstance(again.shuffle_index, np.memmap)                 # read back, not rebuilt
+    for name in ("document_index", "sample_index", "shuffle_index"):
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+    assert [again[i]["tokens"].tolist() for i in range(len(again))] == \
+        [first[i]["tokens"].tolist() for i in range(len(first))]
+    os.utime(prefix + ".bin", ns=(1, 1))                               # the corpus changed: a new key
+    GPTDataset(IndexedDataset(prefix), np.arange(5, dtype=np.int32), 8, 4, seed=3)
+    assert len(os.listdir(cache_dir())) == 6
