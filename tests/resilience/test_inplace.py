@@ -117,3 +117,17 @@ def test_a_lost_spare_changes_nothing_then_no_spare_means_the_full_restart(byte_
     state = cluster_state(log_dir)
     assert [r["dead"] for r in state["replacements"]] == ["m2", "m1"]   # the cold path needs every node
     _continued_exactly(reference, log_dir)
+
+
+@pytest.mark.parametrize("flags, env", [
+    (("--gemini-spares", "1"), {}),                                                  # no torchrun: one machine
+    (("--gemini-spares", "2"), {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}),         # 2 machines, both spares
+    (("--gemini-spares", "1", "--no-gemini-inplace"), {}),
+])
+def test_spares_the_launch_cannot_provide_are_one_line_and_exit_2(byte_corpus, tmp_path, flags, env):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--data-path", byte_corpus,
+                          "--tokenizer-type", "ByteLevelTokenizer", "--log-dir", str(tmp_path / "log"), *flags],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("error: --gemini-spares"), out.stderr
+    assert not (tmp_path / "log").exists()
