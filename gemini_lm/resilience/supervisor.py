@@ -42,7 +42,7 @@ from gemini_lm.errors import EXIT_REFORK, EXIT_RESTART, EXIT_USAGE, UsageError
 from gemini_lm.resilience import job_store
 from gemini_lm.resilience.events import record_failure
 from gemini_lm.resilience.procs import TRAINING_NAME
-from gemini_lm.resilience.status import RECOVERING, SPARE, TRAINING, StatusPage
+from gemini_lm.resilience.status import DONE, RECOVERING, SPARE, TRAINING, StatusPage
 
 _QUICK_DEATH_S = 5.0       # a child dying this soon after its fork, _CRASH_LOOP times in a row: give up
 _CRASH_LOOP = 5
@@ -70,6 +70,7 @@ class Supervisor:
         self.frozen_s, self.grace_s, self.store_lost_s = frozen_s, grace_s, store_lost_s
         self.stopping = False
         self._killed = False         # this supervisor killed its current child
+        self.keeper = None           # pid of the job-store keeper this slot hosts
         self.store = None
         self.status = StatusPage()
 
@@ -81,7 +82,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
         if self.multi_rank:
-            job_store.start_keeper_if_needed(self.slot)
+            self.keeper = job_store.start_keeper_if_needed(self.slot)
             self.store = job_store.connect(timeout)
             self.store.set(f"machine/{self.slot}", self.machine)
             self.store.add(f"hb/{self.slot}", 1)
@@ -106,6 +107,8 @@ class Supervisor:
             if how == "store_lost":
                 return EXIT_RESTART
             if how == "exit" and (value != EXIT_REFORK or self.stopping):
+                if value == 0 and self.keeper is not None:
+                    time.sleep(2.0)   # the job store dies with us: let the others read "done" first
                 return value
             st = self.status.snapshot()
             if how == "signal":
@@ -188,6 +191,8 @@ class Supervisor:
     def _tend(self, pid: int, now: float, behind_since: float | None) -> float | None:
         """One store round: heartbeat, relay a hang alarm, free a frozen or stranded child."""
         s, st = self.store, self.status.snapshot()
+        if st["phase"] == DONE:
+            return None   # finishing: the store (its keeper may already be gone) is no longer needed
         s.add(f"hb/{self.slot}", 1)
         generation = int(s.get("gen")) if s.check(["gen"]) else 0
         if st["alarm"] >= 0 and not s.check([f"hang/g{st['alarm']}"]):

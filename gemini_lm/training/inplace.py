@@ -29,7 +29,7 @@ from gemini_lm.log import get_logger
 from gemini_lm.resilience import job_store
 from gemini_lm.resilience.membership import Membership
 from gemini_lm.resilience.reform_plan import Fallback
-from gemini_lm.resilience.status import RECOVERING, SPARE, STARTING, TRAINING
+from gemini_lm.resilience.status import DONE, RECOVERING, SPARE, STARTING, TRAINING
 from gemini_lm.resilience.supervisor import ChildContext
 
 log = get_logger(__name__)
@@ -121,6 +121,8 @@ class InPlace:
         self.status.set(phase=TRAINING)
 
     def finish(self) -> None:
+        """Training is complete: spares may leave, and the supervisor stops tending the store."""
+        self.status.set(phase=DONE)
         self.membership.finish()
 
     # ---- recovering ---------------------------------------------------------------------
