@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from safetensors.torch import load_file
 
 from gemini_lm.resilience import procs
 from gemini_lm.resilience.events import read_jsonl
@@ -131,3 +132,19 @@ def test_spares_the_launch_cannot_provide_are_one_line_and_exit_2(byte_corpus, t
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("error: --gemini-spares"), out.stderr
     assert not (tmp_path / "log").exists()
+
+
+def test_tp2_dp2_on_two_machines_of_two_workers(byte_corpus, tmp_path):
+    # A rank that never talks to the dead one (another TP group) must notice and recover too.
+    flags = ("--global-batch-size", "8")
+    ref = str(tmp_path / "ref")
+    run_cluster(ref, byte_corpus, procs_per_machine=2, train_flags=flags)
+    log_dir = str(tmp_path / "run")
+    run_cluster(log_dir, byte_corpus, procs_per_machine=2, train_flags=flags, injections=("worker:3@iteration=6",))
+    rec = _one(log_dir)
+    assert (rec["path"], rec["source"], rec["failure_kind"]) == ("inplace", "local", "worker")
+    assert_same_losses(dict(read_losses(ref)), log_dir)
+    for tp in range(2):   # every tensor of both TP shards' final state
+        a, b = (load_file(os.path.join(d, "ckpt", "iter_0000016", f"tp_rank_{tp:02d}.safetensors")) for d in (ref, log_dir))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert_nothing_left(log_dir)
