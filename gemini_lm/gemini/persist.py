@@ -32,7 +32,8 @@ class Persister:
     def __init__(self, store, save_dir: str, tp_rank: int, tp_size: int, *, finalizer: bool,
                  keep: int | None, manifest: dict, finalize_timeout_s: float = 600.0, window_hook=None):
         """`manifest`: what the finalizer's manifest.json records beside the shards (TrainState.manifest).
-        `window_hook(window, iteration)` runs inside the persist window (failure injection)."""
+        `window_hook(window, iteration)` runs inside the persist window, once this shard's
+        file is in the `.partial` directory (failure injection)."""
         self.store, self.save_dir, self.tp_rank, self.tp_size = store, save_dir, tp_rank, tp_size
         self.finalizer, self.keep, self.manifest = finalizer, keep, manifest
         self.finalize_timeout_s = finalize_timeout_s
@@ -61,8 +62,6 @@ class Persister:
                 if rec is None:
                     return
                 t0 = time.perf_counter()
-                if self.window_hook is not None:
-                    self.window_hook("persist", rec.iteration)
                 self.persist(rec)
                 self.last_persist_s = time.perf_counter() - t0
                 self.last_iteration = rec.iteration
@@ -79,6 +78,8 @@ class Persister:
         os.makedirs(partial, exist_ok=True)
         with self.store.open(rec, verify=False) as view:   # checksum was checked when written
             write_file_atomic(os.path.join(partial, shard_file_name(self.tp_rank)), view.buffer)
+        if self.window_hook is not None:   # the shard is in the .partial directory, nothing finalized
+            self.window_hook("persist", rec.iteration)
         side = {"file": shard_file_name(self.tp_rank), "nbytes": rec.nbytes, "checksum": rec.checksum}
         write_file_atomic(os.path.join(partial, shard_sidecar_name(self.tp_rank)), json.dumps(side).encode())
         if self.finalizer:
