@@ -1,6 +1,8 @@
 """GEMINI end to end on real gloo ranks simulating machines: snapshot every iteration,
 replicas on peers by placement, and recovery (local, peer, newest common iteration,
-corrupt copy, persistent fallback, renumbered ranks) continuing bit for bit."""
+a corrupt own copy or replica, no good copy left: persistent fallback or a loud fresh
+start, renumbered ranks) continuing bit for bit, dropout on, losses and the whole final
+state. A corrupt copy is never loaded."""
 import shutil
 
 import pytest
