@@ -194,6 +194,7 @@ def inject(log_dir: str, inj: Injection, *, offset: int | None = None, timeout_s
         event["victim_rank"], event["victim_pid"] = victim["rank"], victim["pid"]
     if on_paused is not None and "window" in event:
         on_paused(dict(event, machine=machine["id"] if machine else victim["machine"]))
+    event["time"] = time.time()   # when the failure is delivered: before anyone can detect it
     if inj.kind == "machine":
         event["machine"] = machine["id"]
         event["killed_pids"] = kill_machine(cluster, machine)

@@ -64,109 +64,103 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _inject(log_dir: str, spec: str, on_paused) -> dict:
-    """Inject from this process (as tools/inject_failure.py does), looking at the stopped target first."""
-    from gemini_lm.resilience.injection import Injection, inject
+def _inject_in_turn(log_dir: str, *steps) -> None:
+    """(spec, on_paused) pairs, each once the failure before it has been recovered from. The
+    target arms itself for an iteration >= N as soon as it trains again, so a slow injector
+    on a busy machine does not change where the failure lands (only, if very late, later)."""
+    from gemini_lm.resilience.injection import Injection, inject, metrics_size
 
-    return inject(log_dir, Injection.parse(spec), offset=0, timeout_s=100, source="test", on_paused=on_paused)
+    for i, (spec, on_paused) in enumerate(steps):
+        if i:
+            _wait_for(lambda: len(read_recoveries(log_dir)) >= i, 120, f"recovery {i}")
+        inject(log_dir, Injection.parse(spec), offset=metrics_size(log_dir) if i else 0, timeout_s=100,
+               source="test", on_paused=on_paused)
 
 
-def test_worker_kill_recovers_from_local_memory(byte_corpus, reference, tmp_path):
+def _paused(seen: list, log_dir: str, machines=None, shards=None):
+    """An on_paused that records the window's iteration and the stores of `machines` (default:
+    the stopped worker's machine) as they are while it is stopped."""
+    def look(event):
+        ms = machines or [event["machine"]]
+        seen.append({"k": event["window"]["iteration"], "event": event,
+                     "stores": {m: store_of(log_dir, m, shards) for m in ms}})
+    return look
+
+
+def test_workers_killed_inside_their_snapshots_recover_the_one_before(byte_corpus, reference, tmp_path):
+    """Rank 0 is killed half-way through copying its snapshot k (a torn payload), then, once
+    recovered, rank 1 with its snapshot k' written but not committed. Neither snapshot ever
+    became visible, every record left points at a complete payload, and k-1 (k'-1) was
+    complete everywhere: recovery is local, one iteration back, each time."""
     log_dir = str(tmp_path)
-    run_cluster(log_dir, byte_corpus, injections=("worker:1@iteration=6",))
-    rec = _one_recovery(log_dir)
-    assert rec["source"] == "local" and rec["failure_kind"] == "worker"
-    # Iteration 6 was logged before the kill, so its snapshot was copied and 5's committed;
-    # the kill may land after 7's commit but before its log line.
-    assert 5 <= rec["iteration"] <= rec["iteration_before_failure"] + 1 and rec["iterations_lost"] <= 1
-    assert rec["injected_at"] <= rec["detected_at"] <= rec["workers_started_at"] <= rec["rendezvous_done_at"] \
-        <= rec["loaded_at"] <= rec["first_iteration_at"]
-    assert rec["first_iteration"] == rec["iteration"] + 1
+    seen: list = []
+    run_cluster(log_dir, byte_corpus, train_flags=EVERY, timeout_s=240,
+                drive=lambda: _inject_in_turn(log_dir, ("worker:0@iteration=6@during=copy", _paused(seen, log_dir)),
+                                              ("worker:1@iteration=11@during=snapshot", _paused(seen, log_dir))))
+    (copy, snap), recs = seen, read_recoveries(log_dir)
+    assert copy["k"] >= 6 and snap["k"] >= 11, seen
+    # Only the stopped worker writes its machine's store, and every record there verified.
+    assert max(copy["stores"]["m0"]["tp00"]) == copy["k"] - 1, seen
+    assert max(snap["stores"]["m1"]["tp01"]) == snap["k"] - 1, seen
+    assert [(r["source"], r["iteration"], r["failure_kind"]) for r in recs] == \
+        [("local", copy["k"] - 1, "worker"), ("local", snap["k"] - 1, "worker")]
+    first = recs[0]   # the phases of a recovery, in order
+    assert first["injected_at"] <= first["detected_at"] <= first["workers_started_at"] <= \
+        first["rendezvous_done_at"] <= first["loaded_at"] <= first["first_iteration_at"]
+    assert first["first_iteration"] == first["iteration"] + 1 and first["iterations_lost"] == 1
     injections = read_jsonl(os.path.join(log_dir, "injections.jsonl"))
-    assert [i["kind"] for i in injections] == ["worker"] and injections[0]["victim_rank"] == 1
+    assert [(i["kind"], i["victim_rank"]) for i in injections] == [("worker", 0), ("worker", 1)]
     assert any(f["cause"] == "collective_error" for f in read_jsonl(os.path.join(log_dir, "failures.jsonl")))
-    assert_continued_exactly(reference, log_dir)
-    assert_nothing_left(log_dir)
-
-
-def test_machine_kill_recovers_from_peer_onto_replacement(byte_corpus, reference, tmp_path):
-    log_dir = str(tmp_path)
-    run_cluster(log_dir, byte_corpus, injections=("machine:1@iteration=6",), cluster_flags=("--spares", "1"))
-    rec = _one_recovery(log_dir)
-    assert rec["source"] == "peer" and rec["failure_kind"] == "machine" and rec["bytes_moved"] > 0
-    state = cluster_state(log_dir)
-    assert [m["state"] for m in state["machines"]] == ["done", "dead", "done"]
-    assert state["replacements"][0]["dead"] == "m1" and state["replacements"][0]["new"] == "m2"
-    assert state["replacements"][0]["from_spare"]
-    assert_continued_exactly(reference, log_dir)
-    assert_nothing_left(log_dir)
-
-
-@pytest.mark.parametrize("window", ["copy", "snapshot"])
-def test_worker_killed_inside_its_snapshot_recovers_the_one_before(byte_corpus, reference, tmp_path, window):
-    """copy: half the state is in the slot (a torn payload); snapshot: all of it, not committed.
-    Either way snapshot k never became visible, k-1 is complete: recovery is local at k-1."""
-    log_dir = str(tmp_path)
-    seen = {}
-
-    def while_stopped(event):   # rank 0 is stopped: nothing writes m0's store
-        seen["k"] = event["window"]["iteration"]
-        seen["m0"] = store_of(log_dir, "m0")   # every record there verifies: none points at the torn slot
-
-    run_cluster(log_dir, byte_corpus, train_flags=EVERY,
-                drive=lambda: _inject(log_dir, f"worker:0@iteration=6@during={window}", while_stopped))
-    k = seen["k"]
-    assert k >= 6 and max(seen["m0"]["tp00"]) == k - 1, seen
-    rec = _one_recovery(log_dir)
-    assert (rec["source"], rec["iteration"]) == ("local", k - 1)
     assert_no_corrupt_copy_offered(log_dir)
     assert_continued_exactly(reference, log_dir)
     assert_nothing_left(log_dir)
 
 
-def test_machine_killed_while_sending_its_replica_recovers_the_previous_replica(byte_corpus, reference, tmp_path):
-    """m0 stops after the header of tp00's snapshot k went to m1, before any payload; then m0
+def test_replicas_interrupted_by_a_machine_loss_and_a_receiver_kill(byte_corpus, reference, tmp_path):
+    """1. m0 stops after the header of tp00's snapshot k went to m1, before any payload, and
     is lost. m1's half-received replica of k must never be used: recovery is from m1's
-    replica of k-1, onto the replacement."""
+    replica of k-1, onto a spare machine.
+    2. Then rank 1 (tp01) stops with tp00's replica of k' fully received but not committed,
+    and is killed. The replica must not be visible; tp00's own machine still holds k' (a
+    replica is sent only once committed), and nothing can commit while rank 1 is stopped
+    (rank 0's next snapshot waits for its acknowledgement): recovery is local, at the
+    newest iteration both shards had in memory at that moment."""
     log_dir = str(tmp_path)
-    seen = {}
+    sent: list = []
+    received: list = []
 
-    def while_stopped(event):   # only rank 0 sends tp00 to m1: its replicas there are frozen
-        seen["k"] = event["window"]["iteration"]
-        seen["m1"] = store_of(log_dir, "m1", shards=("tp00",))
+    def look_at_both(event):
+        # Rank 1's machine: only rank 1 writes there. The other live machine (m0 is gone by
+        # now): tp00 only, which rank 0 cannot snapshot again; its replicas of tp01 may still
+        # take a header rank 1 sent just before it stopped.
+        receiver = event["machine"]
+        (sender,) = [m["id"] for m in cluster_state(log_dir)["machines"]
+                     if m["state"] == "running" and m["id"] != receiver]
+        received.append({"k": event["window"]["iteration"], "receiver": receiver, "sender": sender,
+                         "stores": {receiver: store_of(log_dir, receiver),
+                                    sender: store_of(log_dir, sender, ("tp00",))}})
 
-    run_cluster(log_dir, byte_corpus, cluster_flags=("--spares", "1"), train_flags=EVERY,
-                drive=lambda: _inject(log_dir, "machine:0@iteration=6@during=send", while_stopped))
-    k = seen["k"]
-    assert k >= 6 and max(seen["m1"]["tp00"]) == k - 1, seen
-    rec = _one_recovery(log_dir)
-    assert (rec["source"], rec["iteration"], rec["failure_kind"]) == ("peer", k - 1, "machine")
-    assert_no_corrupt_copy_offered(log_dir)
-    assert_continued_exactly(reference, log_dir)
-    assert_nothing_left(log_dir)
+    run_cluster(log_dir, byte_corpus, cluster_flags=("--spares", "1"), train_flags=EVERY, timeout_s=240,
+                drive=lambda: _inject_in_turn(
+                    log_dir,
+                    # only rank 0 sends tp00 to m1: the replicas there are frozen while it is stopped
+                    ("machine:0@iteration=6@during=send", _paused(sent, log_dir, ["m1"], ("tp00",))),
+                    ("worker:1@iteration=11@during=receive", look_at_both)))
+    (send,), (recv,) = sent, received
+    recs = read_recoveries(log_dir)
+    assert send["k"] >= 6 and max(send["stores"]["m1"]["tp00"]) == send["k"] - 1, sent
+    assert (recs[0]["source"], recs[0]["iteration"], recs[0]["failure_kind"]) == ("peer", send["k"] - 1, "machine")
+    assert recs[0]["bytes_moved"] > 0
+    state = cluster_state(log_dir)
+    assert [m["state"] for m in state["machines"]] == ["dead", "done", "done"]
+    assert [(r["dead"], r["new"], r["from_spare"]) for r in state["replacements"]] == [("m0", "m2", True)]
 
-
-def test_receiver_killed_before_committing_a_replica_recovers_locally(byte_corpus, reference, tmp_path):
-    """Rank 1 stops with tp00's replica of k fully received on m1 but not committed, and is
-    killed. The replica must not be visible; m0 still holds tp00's k itself, and nothing can
-    commit while rank 1 is stopped (rank 0's next snapshot waits for m1's acknowledgement),
-    so recovery is local at the newest iteration both shards had in memory at that moment."""
-    log_dir = str(tmp_path)
-    seen = {}
-
-    def while_stopped(event):
-        seen["k"] = event["window"]["iteration"]
-        seen["stores"] = {m: store_of(log_dir, m) for m in ("m0", "m1")}
-
-    run_cluster(log_dir, byte_corpus, train_flags=EVERY,
-                drive=lambda: _inject(log_dir, "worker:1@iteration=6@during=receive", while_stopped))
-    k, stores = seen["k"], seen["stores"]
-    assert k >= 6 and max(stores["m1"]["tp00"]) == k - 1 and max(stores["m0"]["tp00"]) == k, seen
-    common = set.intersection(*({it for s in stores.values() for it in s.get(shard, [])}
+    k, stores, receiver, sender = recv["k"], recv["stores"], recv["receiver"], recv["sender"]
+    assert k >= 11 and max(stores[receiver]["tp00"]) == k - 1 and max(stores[sender]["tp00"]) == k, received
+    common = set.intersection(*({it for st in stores.values() for it in st.get(shard, [])}
                                 for shard in ("tp00", "tp01")))
-    rec = _one_recovery(log_dir)
-    assert (rec["source"], rec["iteration"]) == ("local", max(common))
-    assert rec["iteration"] in (k - 1, k)
+    assert (recs[1]["source"], recs[1]["iteration"], recs[1]["failure_kind"]) == ("local", max(common), "worker")
+    assert recs[1]["iteration"] in (k - 1, k)
     assert_no_corrupt_copy_offered(log_dir)
     assert_continued_exactly(reference, log_dir)
     assert_nothing_left(log_dir)
@@ -197,7 +191,7 @@ def test_whole_cluster_lost_while_persisting_falls_back_to_the_previous_checkpoi
 
     run_cluster(log_dir, byte_corpus, cluster_flags=("--spares", "2"),
                 train_flags=("--save", save, "--save-interval", "4"),
-                drive=lambda: _inject(log_dir, "machine:0@iteration=5@during=persist", while_stopped))
+                drive=lambda: _inject_in_turn(log_dir, ("machine:0@iteration=5@during=persist", while_stopped)))
     k = seen["k"]   # 8, unless the injector armed rank 0 only after that persist began
     assert k % 4 == 0 and k >= 8
     assert seen["tracker"] == k - 4 and seen["complete"] == list(range(4, k, 4)), seen
