@@ -269,12 +269,14 @@ def test_release_waiters_frees_everyone():
 
 
 def test_wait_until_times_out():
+    # On threads (_Waiter), so a wait that ignored its timeout fails the test instead of hanging it.
     tl = CollectiveTimeline()
     t0 = time.perf_counter()
-    assert tl.wait_until(1, None, timeout=0.05) is False      # no iteration at all
-    assert time.perf_counter() - t0 >= 0.05
+    nothing = _Waiter(tl, 1, None, timeout=0.05)               # no iteration at all
+    assert nothing.join() is False and nothing.returned_at - t0 >= 0.05
     tl.begin_iteration(1)
     # The offset lies an hour out: returning at all (and False) means the timeout ended it.
+    t0 = time.perf_counter()
     far = _Waiter(tl, 1, 3600.0, timeout=0.05)
     assert far.join() is False and far.returned_at - t0 >= 0.05
-    assert tl.wait_until(1, None, timeout=0.0) is False
+    assert _Waiter(tl, 1, None, timeout=0.0).join() is False

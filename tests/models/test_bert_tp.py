@@ -11,7 +11,7 @@ from gemini_lm.data.indexed_dataset import IndexedDataset
 from gemini_lm.data.preprocess import preprocess_jsonl
 from gemini_lm.data.tokenizer import ByteLevelTokenizer
 from gemini_lm.errors import UsageError
-from tests.e2e import assert_same_state, read_losses, tiny_gpt_args, unsharded_state
+from tests.e2e import assert_same_state, read_losses, read_metrics, tiny_gpt_args, unsharded_state
 
 
 def build_bert_byte_corpus(byte_corpus: str) -> str:
@@ -86,4 +86,7 @@ def test_tp2_equals_tp1(bert_corpus, tmp_path):
         assert abs(x - y) <= 1e-5, (i, x, y)
     assert ref[0][1] > 4.0   # ln(261) + ln(2): an untrained MLM + NSP loss, not a degenerate one
     assert ref[-1][1] < ref[0][1] - 0.5   # and it trained: the updates were not negligible
+    # Gradient norms before clipping (which would hide a gradient off by a constant factor)
+    norms = [[r["grad_norm"] for r in read_metrics(str(tmp_path / n))] for n in ("tp1", "tp2")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
     assert_same_state(unsharded_state(str(tmp_path / "ck1"), iters), unsharded_state(str(tmp_path / "ck2"), iters))

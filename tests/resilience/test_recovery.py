@@ -18,6 +18,7 @@ must return follows from the protocol:
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -169,36 +170,53 @@ def test_replicas_interrupted_by_a_machine_loss_and_a_receiver_kill(byte_corpus,
 def test_whole_cluster_lost_while_persisting_falls_back_to_the_previous_checkpoint(byte_corpus, reference,
                                                                                   tmp_path):
     """Checkpoints every 4 iterations. Rank 0 stops with its shard of iteration 8 in
-    iter_0000008.partial/, and both machines are lost: memory is gone, and the previous
-    checkpoint must still be the newest complete one on disk, the one recovery loads; the
-    half-written directory is never loaded, and is replaced when 8 is persisted again."""
+    iter_0000008.partial/ (rank 1 has written all of its own there), and both machines are
+    lost: memory is gone, and the previous checkpoint must still be the newest complete one
+    on disk, the one recovery loads. When the new run persists 8 again, nothing of the
+    crashed run's half-written directory may count: with rank 1 now stopped after writing
+    its shard but before declaring it done, the checkpoint must not be finalized."""
+    from gemini_lm.resilience import procs
     from gemini_lm.resilience.injection import kill_machine, read_cluster
 
     log_dir, save = str(tmp_path / "logs"), str(tmp_path / "ckpt")
     seen = {}
 
     def while_stopped(event):
-        seen["k"] = event["window"]["iteration"]
-        seen["tracker"], seen["complete"] = latest_iteration(save), list_iterations(save)
-        seen["listing"] = sorted(os.listdir(save))
-        partial = os.path.join(save, f"iter_{seen['k']:07d}.partial")
-        seen["partial"] = sorted(os.listdir(partial))
+        k = seen["k"] = event["window"]["iteration"]   # 8, unless rank 0 was armed only after that persist
+        assert k % 4 == 0 and k >= 8
+        assert latest_iteration(save) == k - 4 and list_iterations(save) == list(range(4, k, 4))
+        listing = sorted(os.listdir(save))
+        assert f"iter_{k:07d}" not in listing and f"iter_{k:07d}.partial" in listing, listing
+        partial = os.path.join(save, f"iter_{k:07d}.partial")
+        assert "tp_rank_00.safetensors" in os.listdir(partial)
         # Rank 1 (not stopped) completes its shard of k there: the crash then leaves a stale
-        # shard whose sidecar says "done", which the re-run of k must not take for its own.
+        # shard whose sidecar says "done".
         _wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_01.json")), 60, "rank 1's shard")
         cluster = read_cluster(log_dir)
         kill_machine(cluster, next(m for m in cluster["machines"] if m["id"] == "m1"))   # then m0 goes
 
+    def rank_1_is_slow(event):
+        k = seen["again"] = event["window"]["iteration"]
+        seen["rank_1"] = event["victim_pid"]
+        partial = os.path.join(save, f"iter_{k:07d}.partial")
+        # Rank 0 writes its shard of k and declares it done; a finalizer that counted the
+        # crashed run's sidecar of rank 1 would then finalize at once (it polls every 50 ms).
+        _wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_00.json")), 10, "rank 0's shard")
+        time.sleep(1.5)   # rank 0's collectives wait for rank 1 up to --distributed-timeout-seconds 20
+        seen["finalized_without_rank_1"] = os.path.exists(os.path.join(save, f"iter_{k:07d}"))
+
+    def drive():
+        _inject_in_turn(log_dir, ("machine:0@iteration=5@during=persist", while_stopped),
+                        ("hang:1@iteration=5@during=persist", rank_1_is_slow))
+        procs.signal_pid(seen["rank_1"], signal.SIGCONT)
+
     run_cluster(log_dir, byte_corpus, cluster_flags=("--spares", "2"),
-                train_flags=("--save", save, "--save-interval", "4"),
-                drive=lambda: _inject_in_turn(log_dir, ("machine:0@iteration=5@during=persist", while_stopped)))
-    k = seen["k"]   # 8, unless the injector armed rank 0 only after that persist began
-    assert k % 4 == 0 and k >= 8
-    assert seen["tracker"] == k - 4 and seen["complete"] == list(range(4, k, 4)), seen
-    assert f"iter_{k:07d}" not in seen["listing"] and "tp_rank_00.safetensors" in seen["partial"], seen
+                train_flags=("--save", save, "--save-interval", "4"), timeout_s=240, drive=drive)
+    k = seen["k"]
     rec = _one_recovery(log_dir)
     assert (rec["source"], rec["iteration"], rec["memory_iteration"]) == ("persistent", k - 4, None)
     assert rec["iterations_lost"] >= 3
+    assert seen["again"] == k and not seen["finalized_without_rank_1"], seen
     # Iteration k was persisted again by the new run alone: nothing of the crashed run in it.
     again = os.path.join(save, f"iter_{k:07d}")
     assert all(os.path.getmtime(os.path.join(again, n)) > rec["restore_started_at"] for n in os.listdir(again))

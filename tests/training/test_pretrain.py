@@ -6,7 +6,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from tests.e2e import assert_same_state, read_losses, run_pretrain, tiny_gpt_args, unsharded_state
+from tests.e2e import assert_same_state, read_losses, read_metrics, run_pretrain, tiny_gpt_args, unsharded_state
 
 pytestmark = pytest.mark.slow   # spawns processes
 
@@ -24,7 +24,7 @@ def _run(tmp_path, data, name, world, *extra):
     log_dir = str(tmp_path / name)
     run_pretrain(tmp_path, tiny_gpt_args(data, log_dir, "--no-gemini", "--save", str(tmp_path / name / "ck"),
                                          *extra), world)
-    return read_losses(log_dir), unsharded_state(str(tmp_path / name / "ck"), ITERS)
+    return read_metrics(log_dir), unsharded_state(str(tmp_path / name / "ck"), ITERS)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,15 @@ def one_rank(byte_corpus, tmp_path_factory):
 
 
 def _assert_equivalent(reference, got):
-    """Losses within float rounding of a different reduction order, iteration by iteration;
-    then every parameter and its Adam moments, unsharded."""
-    (ref_losses, ref_state), (losses, state) = reference, got
-    assert [i for i, _ in ref_losses] == [i for i, _ in losses] == list(range(1, ITERS + 1))
-    for (i, x), (_, y) in zip(ref_losses, losses):
-        assert abs(x - y) <= 1e-5, (i, x, y)
-    assert ref_losses[-1][1] < ref_losses[0][1] - 0.5   # it trained: the updates were not negligible
+    """Losses and gradient norms (before clipping, which would hide a gradient off by a
+    constant factor) within float rounding of a different reduction order, iteration by
+    iteration; then every parameter and its Adam moments, unsharded."""
+    (ref_metrics, ref_state), (metrics, state) = reference, got
+    assert [r["iteration"] for r in ref_metrics] == [r["iteration"] for r in metrics] == list(range(1, ITERS + 1))
+    for a, b in zip(ref_metrics, metrics):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["iteration"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a["iteration"], a["grad_norm"], b["grad_norm"])
+    assert ref_metrics[-1]["loss"] < ref_metrics[0]["loss"] - 0.5   # it trained: the updates were not negligible
     assert_same_state(ref_state, state)
 
 
