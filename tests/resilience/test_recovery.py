@@ -198,12 +198,13 @@ def test_whole_cluster_lost_while_persisting_falls_back_to_the_previous_checkpoi
     def rank_1_is_slow(event):
         k = seen["again"] = event["window"]["iteration"]
         seen["rank_1"] = event["victim_pid"]
-        partial = os.path.join(save, f"iter_{k:07d}.partial")
+        partial, final = os.path.join(save, f"iter_{k:07d}.partial"), os.path.join(save, f"iter_{k:07d}")
         # Rank 0 writes its shard of k and declares it done; a finalizer that counted the
         # crashed run's sidecar of rank 1 would then finalize at once (it polls every 50 ms).
-        _wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_00.json")), 10, "rank 0's shard")
+        _wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_00.json")) or os.path.exists(final),
+                  10, "rank 0's shard")
         time.sleep(1.5)   # rank 0's collectives wait for rank 1 up to --distributed-timeout-seconds 20
-        seen["finalized_without_rank_1"] = os.path.exists(os.path.join(save, f"iter_{k:07d}"))
+        seen["finalized_without_rank_1"] = os.path.exists(final)
 
     def drive():
         _inject_in_turn(log_dir, ("machine:0@iteration=5@during=persist", while_stopped),
