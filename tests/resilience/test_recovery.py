@@ -241,6 +241,8 @@ def test_hung_worker_is_detected_by_the_watchdog(byte_corpus, reference, tmp_pat
     assert any(f["cause"] == "hang" and f["rank"] == 0 for f in failures), failures
     rec = _one_recovery(log_dir)
     assert rec["failure_kind"] == "hang" and rec["source"] == "local"
-    assert rec["detected_at"] - rec["injected_at"] >= 3.0
+    # The watchdog counts from when rank 0 began waiting, which may be a moment before rank 1
+    # stopped: detection comes at most that moment earlier than the 3 s timeout after the stop.
+    assert rec["detected_at"] - rec["injected_at"] >= 2.0
     assert_continued_exactly(reference, log_dir)
     assert_nothing_left(log_dir)
