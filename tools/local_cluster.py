@@ -38,6 +38,7 @@ import threading
 import time
 
 
+from gemini_lm.config import default_log_dir
 from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience import procs
 from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store
@@ -45,7 +46,7 @@ from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-USAGE = "local_cluster.py [options] -- SCRIPT.py [training flags incl. --log-dir]"
+USAGE = "local_cluster.py [options] -- SCRIPT.py [training flags]"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -93,10 +94,14 @@ class Cluster:
         self.args = args
         self.cluster_id = secrets.token_hex(4)
         self.job_id = args.job_id or f"cluster-{self.cluster_id}"
-        self.log_dir = os.path.abspath(flag_value(train, "--log-dir") or "runs/default")
         script = train[0] if os.path.exists(train[0]) else os.path.join(ROOT, train[0])
         if not os.path.exists(script):
             raise UsageError(f"{train[0]}: no such script")
+        # The training's own default (one directory per job), passed on explicitly: the
+        # workers and this process must agree on it.
+        self.log_dir = os.path.abspath(default_log_dir(script, train[1:]))
+        if flag_value(train, "--log-dir") is None:
+            train = train + ["--log-dir", self.log_dir]
         self.store_root = args.store_root or (f"/dev/shm/gemini_lm_cluster_{self.cluster_id}"
                                               if os.path.isdir("/dev/shm") else
                                               os.path.join(self.log_dir, "store"))

@@ -252,6 +252,9 @@ class Checkpointer:
             out["gemini_interleave_predicted_extra_s"] = plan.predicted_extra_s
         return out
 
+    def memory_store(self) -> tuple[str, int]:
+        return self.store.path, self.store.nbytes()
+
     # ---- preemption -------------------------------------------------------------------
     def flush(self, timeout_s: float) -> int | None:
         """Write this rank's newest complete snapshot to --save; the iteration, or None if

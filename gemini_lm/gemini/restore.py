@@ -89,7 +89,7 @@ def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir:
             "memory_iteration": plan.iteration, "persistent_iteration": persistent_it,
             "bytes_moved": int(totals), "peer_ranks": sorted(r for r, s in plan.source.items() if s == "peer"),
             "agree_s": t_agreed - t0, "retrieve_s": t_retrieved - t_agreed,
-            "load_s": t_loaded - t_retrieved, "total_s": t_loaded - t0,
+            "load_s": t_loaded - t_retrieved, "restore_s": t_loaded - t0,
             "started_at": t0, "machine_count": len(inventories)}
 
 

@@ -57,11 +57,19 @@ def _last_logged_iteration(metrics_path: str) -> int | None:
     return last
 
 
-def is_restart(metrics_path: str) -> bool:
-    """A restart of a job that ran before: torchrun restarted it, or its metrics exist."""
+# Written by rank 0 when a run finishes cleanly (training/report.py), removed when the next
+# run of the same log dir starts: its presence says the previous run was not interrupted.
+FINISHED = "summary.json"
+
+
+def is_restart(log_dir: str) -> bool:
+    """A restart of an interrupted run: torchrun restarted it, or the log dir holds metrics
+    of a run that did not finish cleanly. A first start, or a new run of a job whose
+    previous run finished, is not."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return True
-    return os.path.exists(metrics_path)
+    return (os.path.exists(os.path.join(log_dir, "metrics.jsonl"))
+            and not os.path.exists(os.path.join(log_dir, FINISHED)))
 
 
 class RecoveryReporter:
@@ -77,20 +85,24 @@ class RecoveryReporter:
         self.pending: dict | None = None
 
     def restored(self, record: dict | None) -> None:
-        """The restore's record (None: this checkpointer reports none). A fresh first start
-        is not a recovery; a restart that found nothing anywhere is, and says so loudly."""
+        """The restore's record (None: this checkpointer reports none). Only a restart of an
+        interrupted run is a recovery; one that found nothing anywhere says so loudly. A first
+        start, or a new run after a finished one, is not: one plain line, no record."""
         if record is None:
             return
+        if not is_restart(self.log_dir):
+            if record["source"] == "none":
+                log.info("starting from iteration 0")
+            else:
+                log.info(f"resuming from iteration {record['iteration']} ({record['source']} checkpoint)")
+            return
         if record["source"] == "none":
-            if not is_restart(self.metrics_path):
-                log.info("GEMINI: no checkpoint in memory or on disk: starting fresh")
-                return
             if self.enabled:
                 log.warning("GEMINI found no checkpoint in memory and none on disk: "
                             "STARTING FRESH FROM ITERATION 0")
         else:
             log.info(f"recovery: iteration {record['iteration']} from {record['source']} "
-                     f"({record['bytes_moved'] / 2**20:.1f} MiB moved) in {record['total_s']:.2f}s")
+                     f"({record['bytes_moved'] / 2**20:.1f} MiB moved) in {record['restore_s']:.2f}s")
         self.pending = dict(record)
         self.pending["last_logged_iteration"] = _last_logged_iteration(self.metrics_path)
 
