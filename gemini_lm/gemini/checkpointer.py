@@ -106,7 +106,7 @@ class Checkpointer:
         topo = self.topology
         try:
             record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
-                                   self.cfg.checkpoint.load, self.throttle)
+                                   self.cfg.checkpoint.load, self.throttle, layout=self.layout)
         except UsageError:
             if topo.is_leader and not self.store.records():
                 self.store.wipe()   # it holds nothing: bad input leaves no empty store behind

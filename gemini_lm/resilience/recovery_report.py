@@ -85,18 +85,15 @@ class RecoveryReporter:
         self.pending: dict | None = None
 
     def restored(self, record: dict | None) -> None:
-        """The restore's record (None: this checkpointer reports none). Only a restart of an
-        interrupted run is a recovery; one that found nothing anywhere says so loudly. A first
-        start, or a new run after a finished one, is not: one plain line, no record."""
+        """The restore's record (None: this checkpointer reports none). Nothing restored is a
+        recovery only for a restart of an interrupted run, and then says so loudly; a first
+        start, or a new run after a finished one, gets one plain line and no record."""
         if record is None:
             return
-        if not is_restart(self.log_dir):
-            if record["source"] == "none":
-                log.info("starting from iteration 0")
-            else:
-                log.info(f"resuming from iteration {record['iteration']} ({record['source']} checkpoint)")
-            return
         if record["source"] == "none":
+            if not is_restart(self.log_dir):
+                log.info("starting from iteration 0")
+                return
             if self.enabled:
                 log.warning("GEMINI found no checkpoint in memory and none on disk: "
                             "STARTING FRESH FROM ITERATION 0")
