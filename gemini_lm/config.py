@@ -121,7 +121,7 @@ class LoggingConfig:
     log_interval: int = _f(10, "log every this many iterations")
     wandb_project: str | None = _f(None, "log to this wandb project (offline unless wandb is configured)")
     wandb_exp_name: str | None = _f(None, "wandb run name")
-    wandb_save_dir: str | None = _f(None, "wandb files (default <log-dir>/wandb)")
+    wandb_save_dir: str | None = _f(None, "wandb writes its files under <this>/wandb (default: --log-dir)")
 
 
 @dataclass
