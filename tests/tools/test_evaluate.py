@@ -36,6 +36,7 @@ def test_report_has_every_section_with_its_figure(smoke):
         with open(os.path.join(smoke, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
     assert "Poisson" in report and "| N=16 m=2 k=2 group | 0.9333 |" in report
+    assert "Smoke mode: the figures of sections 1-4 are not meaningful." in report
 
 
 def test_results_are_measured_from_the_runs(smoke):
