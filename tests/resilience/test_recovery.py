@@ -67,6 +67,8 @@ def test_machine_kill_recovers_from_peer_onto_replacement(byte_corpus, reference
     assert [m["state"] for m in state["machines"]] == ["done", "dead", "done"]
     assert state["replacements"][0]["dead"] == "m1" and state["replacements"][0]["new"] == "m2"
     assert state["replacements"][0]["from_spare"]
+    [event] = read_jsonl(os.path.join(log_dir, "injections.jsonl"))
+    assert len(event["killed_pids"]) == len(set(event["killed_pids"])) >= 2   # the agent and its worker, once each
     assert_continued_exactly(reference, log_dir)
     assert_nothing_left(log_dir)
 

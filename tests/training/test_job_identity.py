@@ -43,6 +43,16 @@ def test_parse_config_takes_the_same_default_as_a_launcher(monkeypatch):
     assert parse_config(argv, world_size=2).logging.log_dir == _dir(*argv)   # before validation fills in
 
 
+def test_local_cluster_takes_and_passes_on_the_same_default():
+    import local_cluster
+
+    flags = ["--hidden-size", "64", "--train-iters", "10"]
+    args, train = local_cluster.parse_args(["--machines", "2", "--", "pretrain_gpt.py", *flags])
+    cluster = local_cluster.Cluster(args, train)   # starts nothing
+    assert cluster.log_dir == os.path.abspath(_dir(*flags))
+    assert cluster.train[cluster.train.index("--log-dir") + 1] == cluster.log_dir
+
+
 TINY = ["--tokenizer-type", "ByteLevelTokenizer", "--num-layers", "1", "--hidden-size", "32",
         "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2", "--eval-interval", "2",
         "--eval-iters", "1", "--log-interval", "1"]
