@@ -253,7 +253,7 @@ def parse_config(argv: list[str] | None = None, extra_args_provider: Callable | 
     parser = build_parser(extra_args_provider, prog=os.path.basename(sys.argv[0]), only=only,
                           description=description)
     ns = vars(parser.parse_args(argv))
-    if ns.get("log_dir", 0) is None:   # from the flags as given, before validation fills any in
+    if "log_dir" in ns and ns["log_dir"] is None:   # from the flags as given, before validation fills any in
         ns["log_dir"] = job_log_dir(os.path.splitext(os.path.basename(sys.argv[0]))[0], ns)
     sections = {}
     for name, cls in SECTIONS.items():

@@ -19,7 +19,9 @@ is to notice it fast, leave a trace and get out of the way:
   flush() writes the newest complete snapshot to --save if newer than the checkpoint there,
   then exit EXIT_RESTART. Not 0: a worker that exits 0 tells its agent it finished, and a
   lone worker's agent would then leave the job. When the agent itself is shutting down
-  the code is ignored anyway.
+  the code is ignored anyway. Without a launcher (a plain `python pretrain_gpt.py`: no
+  TORCHELASTIC_* variables) nobody restarts it, so the last line says how to resume
+  (rerun the same command) and how to free the memory store it leaves behind.
 
 Signals are received through signal.set_wakeup_fd by a thread, not by a Python-level
 handler: the main thread may sit in a C++ collective for a long time, and Python runs

@@ -33,12 +33,12 @@ from gemini_lm.resilience.handler import FailureHandler, is_peer_failure
 from gemini_lm.resilience.membership import StoreLost
 from gemini_lm.resilience.recovery_report import RecoveryReporter
 from gemini_lm.resilience.supervisor import ChildContext, Supervisor
+from gemini_lm.training import report
 from gemini_lm.training.checkpointing import PersistentCheckpointer
 from gemini_lm.training.initialize import all_ranks_or_none, collective_timeout, initialize_distributed
 from gemini_lm.training.inplace import ColdFallback, InPlace, publish_worker
 from gemini_lm.training.inputs import (build_tokenizer_and_data, build_transformer_config, check_output_dirs,
                                        default_job_id)
-from gemini_lm.training import report
 from gemini_lm.training.metrics import MetricsLogger
 from gemini_lm.training.setup import build_training_setup
 from gemini_lm.training.state import TrainState
