@@ -273,10 +273,6 @@ def validate(cfg: Config, world_size: int) -> None:
         t.lr_decay_iters = t.train_iters
     if t.lr_warmup_iters > t.lr_decay_iters:
         t.lr_warmup_iters = t.lr_decay_iters
-    if p.use_distributed_optimizer and cfg.gemini.gemini:
-        # Each DP rank's optimizer slice is unique: GEMINI's snapshot and placement must know it.
-        raise UsageError("--use-distributed-optimizer needs --no-gemini (in-memory checkpoints of "
-                         "sharded optimizer state are not supported yet)")
     if p.distributed_timeout_seconds is not None and p.distributed_timeout_seconds <= 0:
         raise UsageError("--distributed-timeout-seconds must be > 0")
     try:

@@ -40,7 +40,6 @@ def test_load_defaults_to_save(tmp_path):
     (["--persistent-bandwidth-mbs", "nan"], 1, "--persistent-bandwidth-mbs nan"),
     (["--persistent-bandwidth-mbs", "inf"], 1, "--persistent-bandwidth-mbs inf"),
     (["--async-save"], 1, "--async-save needs --save"),
-    (["--use-distributed-optimizer"], 2, "--use-distributed-optimizer needs --no-gemini"),
 ])
 def test_bad_input_is_a_usage_error(argv, world, msg):
     with pytest.raises(UsageError, match=msg):

@@ -158,3 +158,9 @@ def test_without_the_param_buffer_is_an_error():
     ddp = DistributedDataParallel(model, ps)
     with pytest.raises(ValueError, match="use_distributed_optimizer"):
         build_optimizer(model, ps, lr=1e-3, ddp=ddp, use_distributed_optimizer=True)
+
+
+def test_each_dp_rank_is_its_own_gemini_shard():
+    from gemini_lm.checkpoint.naming import shard_id, tp_rank_of
+    assert shard_id(1) == "tp01" and shard_id(1, 2) == "tp01dp02"
+    assert tp_rank_of("tp01dp02") == 1
