@@ -61,6 +61,8 @@ class ParallelConfig:
     device: str = _f("auto", "auto = cuda when available", choices=["auto", "cpu", "cuda"])
     distributed_timeout_minutes: float = _f(10.0, "collective timeout (Megatron's flag)")
     distributed_timeout_seconds: float | None = _f(None, "seconds-level override, so a dead peer is noticed fast")
+    use_distributed_optimizer: bool = _f(False, "shard the fp32 masters and Adam moments over data-parallel "
+                                                "ranks (ZeRO-1)")
 
 
 @dataclass

@@ -170,7 +170,7 @@ def import_from_hf(hf_dir: str, save: str, tp_size: int, extra_flags: list[str],
             return model
 
         state = build_training_setup(cfg, tcfg, provider, ps, tracker).state
-        tensors, metadata = state.tensors(), metadata or state.metadata
+        tensors, metadata = state.tensors(gathered=True), metadata or state.metadata
         layout = SnapshotLayout.build(tensors, state.metadata)
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
         layout.write(tensors, buf)

@@ -7,12 +7,13 @@ FORMAT = "gemini_lm/1"                              # in snapshot metadata and m
 TRACKER = "latest_checkpointed_iteration.txt"       # Megatron's name; written last
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"                         # an iteration directory being assembled
-_SHARD = re.compile(r"tp(\d{2,})")
+_SHARD = re.compile(r"tp(\d{2,})(?:dp\d{2,})?")
 
 
-def shard_id(tp_rank: int) -> str:
-    """The name of a tensor-parallel shard (data-parallel replicas share it): tp00, tp01, ..."""
-    return f"tp{tp_rank:02d}"
+def shard_id(tp_rank: int, dp_rank: int | None = None) -> str:
+    """The name of a tensor-parallel shard (data-parallel replicas share it): tp00, tp01, ...
+    With `dp_rank` (the distributed optimizer: each DP rank's snapshot is unique): tp00dp01."""
+    return f"tp{tp_rank:02d}" if dp_rank is None else f"tp{tp_rank:02d}dp{dp_rank:02d}"
 
 
 def shard_ids(tp_size: int) -> list[str]:

@@ -15,6 +15,13 @@ snapshot is one copy of the live tensors into a shared-memory slot that outlives
 process; the replicator then ships the committed slot to peer machines in the
 background, and the persister writes it to `--save` every `--save-interval` iterations.
 Who writes, who leads a machine and where copies go is the GeminiTopology, built once.
+
+With --use-distributed-optimizer every DP rank's optimizer slice is unique: each rank is
+its own shard (tp00dp01, ...), snapshots and replicates it, and recovery fetches it like
+any other shard. Persistent checkpoints then need the slices gathered into the DP-size-
+independent layout, a collective over DP: they are written by the non-GEMINI path
+(training/checkpointing.py, --async-save or blocking; handed in as `persistent`) on the
+training thread instead of from a slot, and a SIGTERM flush has nothing it could write alone.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from gemini_lm.checkpoint.files import Throttle
-from gemini_lm.checkpoint.naming import shard_ids
+from gemini_lm.checkpoint.naming import shard_id, shard_ids
 from gemini_lm.checkpoint.persistent import check_writable, latest_iteration, remove_partial_dirs
 from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
@@ -46,7 +53,9 @@ log = get_logger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, cfg, state, ps, job_id: str):
+    def __init__(self, cfg, state, ps, job_id: str, persistent=None):
+        """`persistent`: writes the persistent checkpoints instead of a Persister (another
+        checkpoint.protocol.Checkpointer; the distributed optimizer's, see the module doc)."""
         self.cfg, self.state, self.ps, self.job_id = cfg, state, ps, job_id
         g = cfg.gemini
         self.interval = g.gemini_interval
@@ -55,6 +64,8 @@ class Checkpointer:
         # (see the README). nccl without CUDA was refused with the other input checks.
         self.transport = "gloo" if g.gemini_transport == "auto" else g.gemini_transport
         self.machine = machine_id()
+        distributed_optimizer = cfg.parallel.use_distributed_optimizer
+        self.shard = shard_id(ps.tp_rank, ps.dp_rank if distributed_optimizer else None)
         # On CUDA the slots are page-locked, so the snapshot is an async DMA from the GPU.
         self.store = MemoryStore(g.gemini_store_dir, job_id, self.machine, pin_memory=ps.device.type == "cuda")
         self.layout = SnapshotLayout.build(state.tensors(), state.metadata)
@@ -69,7 +80,8 @@ class Checkpointer:
         self.throttle = Throttle.from_mbs(cfg.checkpoint.persistent_bandwidth_mbs)
         if save:
             check_writable(save)
-        if save and topo.is_writer and ps.dp_rank == 0:
+        self.persistent = persistent
+        if save and topo.is_writer and ps.dp_rank == 0 and persistent is None:
             self.persister = Persister(self.store, save, ps.tp_rank, ps.tp_size, finalizer=ps.rank == 0,
                                        keep=cfg.checkpoint.save_keep, manifest=state.manifest,
                                        window_hook=self._in_window, throttle=self.throttle)
@@ -87,7 +99,7 @@ class Checkpointer:
         """Collective: who holds what, and the groups checkpoint traffic goes over."""
         g, ps = self.cfg.gemini, self.ps
         with peer_failures("GEMINI topology"):
-            self.topology = GeminiTopology.gather(ps.rank, ps.world_size, self.machine, ps.shard_id,
+            self.topology = GeminiTopology.gather(ps.rank, ps.world_size, self.machine, self.shard,
                                                   self.layout.layout_hash, g.gemini_replicas, g.gemini_placement)
         topo = self.topology
         # Checkpoint traffic gets process groups of its own (collective: every rank creates
@@ -130,7 +142,7 @@ class Checkpointer:
                                          timeline=self.ps.timeline, on_sent=self.traffic.observe,
                                          transports=staged, window_hook=self._in_window)
         if topo.is_writer:
-            self.store.prepare(self.ps.shard_id, self.layout.nbytes)
+            self.store.prepare(self.shard, self.layout.nbytes)
 
     # ---- in-place recovery --------------------------------------------------------------
     def abandon(self) -> bool:
@@ -169,6 +181,8 @@ class Checkpointer:
     def after_step(self, iteration: int) -> None:
         if iteration % self.interval == 0 and self.topology.is_writer:
             self._snapshot(iteration)
+        if self.persistent is not None:
+            self.persistent.after_step(iteration)
 
     def before_update(self) -> None:
         """Called just before the optimizer update: the state may change only once the
@@ -187,7 +201,7 @@ class Checkpointer:
         replicate = self.replicator is not None and self.traffic.replicate(iteration)
         wait_s += self._drain(replication=replicate)
         t1 = time.perf_counter()
-        w = self.store.begin_write(self.ps.shard_id, self.layout.nbytes, self.layout.layout_hash)
+        w = self.store.begin_write(self.shard, self.layout.nbytes, self.layout.layout_hash)
         hook = self._window_hook   # set only while a failure injection is armed
         midway = None if hook is None else partial(hook, "copy", iteration)
         try:
@@ -214,6 +228,8 @@ class Checkpointer:
         committed), "persist" (a shard's file in iter_N.partial/, not finalized) — for
         failure injection (resilience/breakpoints.py). None (the default) costs a None check."""
         self._window_hook = hook
+        if self.persistent is not None:
+            self.persistent.set_window_hook(hook)
 
     def _in_window(self, window: str, iteration: int | None) -> None:
         hook = self._window_hook
@@ -230,7 +246,7 @@ class Checkpointer:
         self.last_record = rec
         if replicate:
             self.traffic.maybe_plan(self._peer_bytes, iteration)
-            self.replicator.submit(self.store.open(rec, verify=False), self.ps.shard_id,
+            self.replicator.submit(self.store.open(rec, verify=False), self.shard,
                                    chunker=self.traffic.chunks)
         c = self.cfg.checkpoint
         if self.persister and c.save_interval and iteration % c.save_interval == 0:
@@ -255,6 +271,8 @@ class Checkpointer:
             out["gemini_repl_send_s"] = self.replicator.last_send_s
         if self.persister is not None and self.persister.last_persist_s is not None:
             out["gemini_persist_s"] = self.persister.last_persist_s
+        if self.persistent is not None:
+            out.update(self.persistent.stats())
         plan = self.traffic.plan
         if plan is not None:
             out["gemini_interleave_every"] = self.traffic.every
@@ -279,7 +297,7 @@ class Checkpointer:
         persister = self.persister
         if persister is None:
             return None
-        own = sorted(self.store.records(self.ps.shard_id), key=lambda r: -r.iteration)
+        own = sorted(self.store.records(self.shard), key=lambda r: -r.iteration)
         if not own:
             return None
         have = {s: {r.iteration for r in self.store.records(s)} for s in shard_ids(self.ps.tp_size)}
@@ -312,6 +330,8 @@ class Checkpointer:
                 self.persister.submit(self.last_record)   # always leave the final state on disk
                 self.persister.wait()
             self.persister.close()
+        if self.persistent is not None:
+            self.persistent.close(iteration, clean)   # collective: the final state, gathered
         self._worker.shutdown(wait=clean)
         if clean:
             with peer_failures("GEMINI close"):

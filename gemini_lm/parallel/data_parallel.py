@@ -10,6 +10,12 @@ buckets fill one after another while backward runs. When the last gradient of a 
 has been accumulated, its all-reduce is launched asynchronously on the DP group and
 overlaps the rest of backward; `finish_grad_sync()` waits for all of them.
 
+With `use_distributed_optimizer` (ZeRO-1, training/distrib_optimizer.py) the parameters
+also move into one flat `param_buffer` laid out like the gradient buffer and padded to a
+multiple of the DP size: DP rank r owns the contiguous range `shard_range(r)` of both, and
+the updated parameters come back with one all-gather into that buffer. The gradients are
+still all-reduced, not reduce-scattered (see distrib_optimizer.py for why).
+
 Every bucket all-reduce is recorded on `ps.timeline` (group "dp"), from its launch to the
 moment its `wait()` returns: the host cannot know it finished any earlier, so the span
 errs on the side of "busy", which is the safe side for GEMINI's traffic scheduler.
@@ -49,7 +55,7 @@ class DistributedDataParallel(nn.Module):
     views are made here, for the parameters as they are now."""
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, bucket_size_mb: float = 25.0,
-                 grad_dtype: torch.dtype = torch.float32):
+                 grad_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False):
         super().__init__()
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}")
@@ -70,10 +76,12 @@ class DistributedDataParallel(nn.Module):
         # A parameter is never split across buckets.
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
+        self.param_range: dict[int, tuple[int, int]] = {}   # id(param) -> [start, end) in the buffers
         members: list[nn.Parameter] = []
         start = offset = 0
         for p in reversed(self.params):
             p.main_grad = self.grad_buffer[offset:offset + p.numel()].view_as(p)
+            self.param_range[id(p)] = (offset, offset + p.numel())
             offset += p.numel()
             members.append(p)
             if offset - start >= bucket_numel or offset == total:
@@ -82,9 +90,31 @@ class DistributedDataParallel(nn.Module):
                 self._bucket_of.update({id(q): bucket for q in members})
                 members, start = [], offset
 
+        self.param_buffer = self._make_param_buffer(total) if use_distributed_optimizer else None
+
         self._sync_enabled = True
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                               for p in self.params]
+
+    @torch.no_grad()
+    def _make_param_buffer(self, total: int) -> torch.Tensor:
+        """Move every param into one flat buffer (params become views of it), so the
+        distributed optimizer's all-gather lands directly in the model."""
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"the distributed optimizer needs one parameter dtype, got {sorted(map(str, dtypes))}")
+        self.shard_size = -(-total // self.ps.dp_size)   # ceil: the last shard is padded
+        buffer = torch.zeros(self.shard_size * self.ps.dp_size, dtype=dtypes.pop(), device=self.params[0].device)
+        for p in self.params:
+            start, end = self.param_range[id(p)]
+            buffer[start:end].copy_(p.detach().reshape(-1))
+            p.data = buffer[start:end].view_as(p)
+        return buffer
+
+    def shard_range(self, dp_rank: int) -> tuple[int, int]:
+        """[start, end) of the buffers that `dp_rank` owns under the distributed optimizer."""
+        total = self.grad_buffer.numel()
+        return min(dp_rank * self.shard_size, total), min((dp_rank + 1) * self.shard_size, total)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

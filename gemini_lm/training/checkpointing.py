@@ -163,11 +163,11 @@ class PersistentCheckpointer:
     def save(self, iteration: int) -> None:
         t0 = time.perf_counter()
         if self.saver is not None:
-            parts = self.saver.save(iteration, self.state.tensors(), self.state.metadata)
+            parts = self.saver.save(iteration, self.state.tensors(gathered=True), self.state.metadata)
             self._stats = {"persist_blocking_s": time.perf_counter() - t0, "persist_wait_s": parts["wait_s"],
                            "persist_copy_s": parts["copy_s"]}
             return
-        save_checkpoint(self.cfg.save, iteration, self.state.tensors(), self.state.metadata,
+        save_checkpoint(self.cfg.save, iteration, self.state.tensors(gathered=True), self.state.metadata,
                         self.ps, keep=self.cfg.save_keep, manifest=self.state.manifest, throttle=self.throttle)
         self._stats = {"persist_blocking_s": time.perf_counter() - t0}
 

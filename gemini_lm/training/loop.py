@@ -51,7 +51,10 @@ def build_checkpointer(cfg: Config, state: TrainState, ps) -> Checkpointer:
     if cfg.gemini.gemini:
         from gemini_lm.gemini.checkpointer import Checkpointer as GeminiCheckpointer
 
-        return GeminiCheckpointer(cfg, state, ps, job_id=default_job_id(cfg))
+        # The distributed optimizer's persistent saves gather over DP: the collective path's.
+        persistent = PersistentCheckpointer(cfg, state, ps) \
+            if cfg.parallel.use_distributed_optimizer and cfg.checkpoint.save else None
+        return GeminiCheckpointer(cfg, state, ps, job_id=default_job_id(cfg), persistent=persistent)
     return PersistentCheckpointer(cfg, state, ps)
 
 

@@ -96,6 +96,18 @@ def _init_adam_state(adam: torch.optim.AdamW) -> None:
             }
 
 
+def make_adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], device: torch.device, *,
+               lr: float, weight_decay: float, betas: tuple[float, float], eps: float):
+    """AdamW over two groups (decayed, not decayed), its state created eagerly."""
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if device.type == "cuda":
+        adam = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+        _init_adam_state(adam)
+        return adam
+    return ForeachAdamW(groups, lr=lr, betas=betas, eps=eps)   # torch.optim imports torch._dynamo (adamw.py)
+
+
 class MegatronOptimizer:
     """AdamW over (name, param) pairs; build it with `build_optimizer`. See the module doc."""
 
@@ -109,24 +121,23 @@ class MegatronOptimizer:
         self.ddp = ddp
         self.log_num_zeros_in_grad = log_num_zeros_in_grad
 
+        if not named_params:
+            raise ValueError("no trainable parameters to optimize")
+        self.device = named_params[0][1].device
+        self._build(named_params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+    def _build(self, named_params: list[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float,
+               betas: tuple[float, float], eps: float) -> None:
+        """Masters and AdamW over every parameter (the distributed optimizer: over a shard)."""
         # (name, model param, master). An fp32 param is its own master.
         self._params: list[tuple[str, nn.Parameter, torch.Tensor]] = []
         for name, p in named_params:
             master = p if p.dtype == torch.float32 else p.detach().float()
             self._params.append((name, p, master))
-        if not self._params:
-            raise ValueError("no trainable parameters to optimize")
-        self.device = self._params[0][1].device
-
         decay = [m for n, p, m in self._params if not _is_no_decay(n, p)]
         no_decay = [m for n, p, m in self._params if _is_no_decay(n, p)]
-        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        if self.device.type == "cuda":
-            self.adam = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
-            _init_adam_state(self.adam)
-        else:   # torch.optim would import torch._dynamo: seconds of every restart (adamw.py)
-            self.adam = ForeachAdamW(groups, lr=lr, betas=betas, eps=eps)
+        self.adam = make_adamw(decay, no_decay, self.device, lr=lr, weight_decay=weight_decay,
+                               betas=betas, eps=eps)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -163,7 +174,7 @@ class MegatronOptimizer:
                 self.zero_grad()
                 return StepResult(False, None, None, loss_scale)
 
-        grads_for_norm = [m.grad for _, p, m in self._params if not _is_tp_duplicate(p, self.ps)]
+        grads_for_norm = [g for (_, p, _), g in zip(self._params, grads) if not _is_tp_duplicate(p, self.ps)]
         num_zeros = self._count_zeros(grads_for_norm) if self.log_num_zeros_in_grad else None
         grad_norm = None
         if self.clip_grad > 0.0:
@@ -173,12 +184,16 @@ class MegatronOptimizer:
                 # state (the last good in-memory checkpoint must stay the newest).
                 raise FloatingPointError(f"gradient norm is {grad_norm} at iteration {iteration}")
 
+        self._update(grads)
+        self.zero_grad()
+        return StepResult(True, grad_norm, num_zeros, loss_scale)
+
+    def _update(self, grads: list[torch.Tensor]) -> None:
+        """AdamW on the masters (whose .grad are `grads`), then the model params from them."""
         self.adam.step()
         for _, p, master in self._params:
             if master is not p:
                 p.copy_(master)
-        self.zero_grad()
-        return StepResult(True, grad_norm, num_zeros, loss_scale)
 
     def _prepare_master_grads(self) -> list[torch.Tensor]:
         grads = []
@@ -213,10 +228,12 @@ class MegatronOptimizer:
         _all_reduce(zeros, "tp", self.ps)
         return int(zeros.item())
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_tensors(self, gathered: bool = False) -> dict[str, torch.Tensor]:
         """Every optimizer-side tensor, keyed by stable names. Live tensors, not copies:
         copy them before the next step changes them. fp32 params are their own masters
-        and are saved with the model, so only low-precision params have a master entry."""
+        and are saved with the model, so only low-precision params have a master entry.
+        `gathered`: the layout that does not depend on the DP size (persistent checkpoints);
+        this optimizer's state is whole on every rank, so it is the same."""
         out: dict[str, torch.Tensor] = {}
         for name, p, master in self._params:
             if master is not p:
@@ -267,7 +284,8 @@ def build_optimizer(model: nn.Module, ps: ParallelState, *, lr: float, weight_de
                     initial_loss_scale: float = 2.0 ** 32, min_loss_scale: float = 1.0,
                     loss_scale_window: int = 1000, hysteresis: int = 2,
                     ddp: DistributedDataParallel | None = None,
-                    log_num_zeros_in_grad: bool = False) -> MegatronOptimizer:
+                    log_num_zeros_in_grad: bool = False,
+                    use_distributed_optimizer: bool = False) -> MegatronOptimizer:
     """The optimizer for `model` (the bare module; a DDP wrapper is unwrapped and used as `ddp`).
 
     Parameter names, and so state names, are those of the bare module. fp16 gets dynamic
@@ -295,6 +313,13 @@ def build_optimizer(model: nn.Module, ps: ParallelState, *, lr: float, weight_de
     elif precision == "fp16":
         grad_scaler = DynamicGradScaler(initial_scale=initial_loss_scale, min_scale=min_loss_scale,
                                         growth_interval=loss_scale_window, hysteresis=hysteresis)
-    return MegatronOptimizer(named, ps, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
-                             clip_grad=clip_grad, grad_scaler=grad_scaler, ddp=ddp,
-                             log_num_zeros_in_grad=log_num_zeros_in_grad)
+    if use_distributed_optimizer:
+        from gemini_lm.training.distrib_optimizer import DistributedOptimizer
+        if ddp is None or ddp.param_buffer is None:
+            raise ValueError("the distributed optimizer needs DistributedDataParallel(use_distributed_optimizer=True)")
+        cls = DistributedOptimizer
+    else:
+        cls = MegatronOptimizer
+    return cls(named, ps, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+               clip_grad=clip_grad, grad_scaler=grad_scaler, ddp=ddp,
+               log_num_zeros_in_grad=log_num_zeros_in_grad)

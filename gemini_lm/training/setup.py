@@ -47,13 +47,15 @@ def build_training_setup(cfg: Config, tcfg: TransformerConfig, model_provider: C
     tcfg = getattr(model, "config", tcfg)   # a provider may adapt it (BERT: post-LN, padding mask)
     if t.bf16 or t.fp16:
         model = model.to(tcfg.params_dtype)
-    ddp = DistributedDataParallel(model, ps)
+    distributed_optimizer = cfg.parallel.use_distributed_optimizer
+    ddp = DistributedDataParallel(model, ps, use_distributed_optimizer=distributed_optimizer)
     optimizer = build_optimizer(model, ps, lr=t.lr, weight_decay=t.weight_decay,
                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                 clip_grad=t.clip_grad,
                                 precision="bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
                                 loss_scale=t.loss_scale, initial_loss_scale=t.initial_loss_scale,
-                                ddp=ddp, log_num_zeros_in_grad=t.log_num_zeros_in_grad)
+                                ddp=ddp, log_num_zeros_in_grad=t.log_num_zeros_in_grad,
+                                use_distributed_optimizer=distributed_optimizer)
     scheduler = OptimizerParamScheduler(optimizer, max_lr=t.lr, min_lr=t.min_lr,
                                         lr_warmup_iters=t.lr_warmup_iters,
                                         lr_decay_iters=t.lr_decay_iters,

@@ -41,12 +41,14 @@ class TrainState:
         # snapshot layout, whose hash recovery matches on.
         self.manifest = {"metadata": self.metadata, **({"tokenizer": tokenizer} if tokenizer else {})}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, gathered: bool = False) -> dict[str, torch.Tensor]:
+        """`gathered`: the optimizer state in the layout that does not depend on the DP size
+        (persistent checkpoints; a collective over DP under the distributed optimizer)."""
         out: dict[str, torch.Tensor] = {}
         out["train/iteration"] = torch.tensor([self.progress.iteration], dtype=torch.int64)
         out["train/consumed_samples"] = torch.tensor([self.progress.consumed_samples], dtype=torch.int64)
         out.update({k: p.detach() for k, p in self._params.items()})
-        out.update(self.optimizer.state_tensors())
+        out.update(self.optimizer.state_tensors(gathered))
         out.update({f"scheduler/{k}": v for k, v in self.scheduler.state_tensors().items()})
         out.update(get_rng_state_tensors(self.tracker))
         return out

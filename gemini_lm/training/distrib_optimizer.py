@@ -1,0 +1,229 @@
+"""The distributed optimizer (`--use-distributed-optimizer`, ZeRO stage 1), as in megatron/core.
+
+DistributedDataParallel(use_distributed_optimizer=True) keeps every parameter in one flat
+`param_buffer` laid out like the gradient buffer; DP rank r owns the contiguous range
+`ddp.shard_range(r)` of both. This optimizer keeps the fp32 masters (low-precision
+params only: an fp32 param is its own master) and the AdamW moments of that range only,
+as flat tensors, so its state per rank is the plain optimizer's divided by the DP size.
+
+A step:
+  1. the gradients are averaged over DP (the DDP buckets' all-reduce, as without the flag)
+  2. unscale / inf check, global norm and clipping: exactly the plain optimizer's code on
+     the full gradients (MegatronOptimizer.step)
+  3. AdamW on the owned pieces of each parameter (views into the flat state)
+  4. the owned range of the param buffer is all-gathered over DP into every rank's buffer
+
+Why an all-reduce and not Megatron's reduce-scatter: losses must equal the plain
+optimizer's bit for bit. gloo's reduce_scatter_tensor did give exactly the all-reduce's
+bits here (DP 3 and 4, torch 2.13), but the clipping norm is the plain path's per-parameter
+fp32 norms summed in fp64, which needs every parameter's whole reduced gradient; a norm
+summed from shards rounds differently, so the clip coefficient and every update after it
+would drift. The all-reduce costs one all-gather's worth more traffic than ZeRO-1; what
+the flag saves here is optimizer memory. AdamW is elementwise, so a piece of a tensor
+gets exactly the bits the whole tensor would (tests/training/test_distrib_optimizer.py).
+
+State layouts:
+  state_tensors()               this rank's slice (`optimizer/shard/...`): what the GEMINI
+                                snapshot holds, unique per DP rank
+  state_tensors(gathered=True)  collective over DP: the plain optimizer's names and shapes,
+                                independent of the DP size (persistent checkpoints), so a
+                                run can --load it with another DP size or without the flag
+load_state_tensors() takes either.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gemini_lm.parallel.comm import peer_failures
+from gemini_lm.training.optimizer import MegatronOptimizer, _is_no_decay, make_adamw
+
+SHARD = "optimizer/shard/"
+
+
+class _Piece:
+    """The part [start, end) of one parameter (flattened) that this rank owns."""
+
+    def __init__(self, index: int, start: int, end: int, local: slice, master: torch.Tensor):
+        self.index = index          # into self._params
+        self.start, self.end = start, end
+        self.local = local          # where it sits in this rank's flat state
+        self.master = master        # view: of the param buffer (fp32) or of the flat masters
+
+
+class DistributedOptimizer(MegatronOptimizer):
+    """MegatronOptimizer whose masters and moments cover this DP rank's shard only."""
+
+    def _build(self, named_params: list[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float,
+               betas: tuple[float, float], eps: float) -> None:
+        ddp = self.ddp
+        # Whole params, for the norm and the inf check; the "master" slot is unused here.
+        self._params = [(name, p, p) for name, p in named_params]
+        self._lo, self._hi = ddp.shard_range(self.ps.dp_rank)
+        n = self._hi - self._lo
+        if n == 0:
+            raise ValueError(f"data-parallel rank {self.ps.dp_rank} owns no parameters: "
+                             f"{ddp.grad_buffer.numel()} elements over {self.ps.dp_size} ranks")
+        low_precision = named_params[0][1].dtype != torch.float32
+        f32 = {"dtype": torch.float32, "device": self.device}
+        self._master = torch.empty(n, **f32) if low_precision else None
+        self._exp_avg, self._exp_avg_sq = torch.zeros(n, **f32), torch.zeros(n, **f32)
+
+        self._pieces: list[_Piece] = []
+        for i, (_, p) in enumerate(named_params):
+            start, end = ddp.param_range[id(p)]
+            a, b = max(start, self._lo), min(end, self._hi)
+            if a >= b:
+                continue
+            local = slice(a - self._lo, b - self._lo)
+            flat = p.detach().view(-1)[a - start:b - start]
+            if self._master is None:
+                master = flat                      # updated in place: it is the param buffer
+            else:
+                master = self._master[local]
+                master.copy_(flat)
+            self._pieces.append(_Piece(i, a - start, b - start, local, master))
+
+        decay = [x.master for x in self._pieces if not _is_no_decay(*named_params[x.index])]
+        no_decay = [x.master for x in self._pieces if _is_no_decay(*named_params[x.index])]
+        self.adam = make_adamw(decay, no_decay, self.device, lr=lr, weight_decay=weight_decay,
+                               betas=betas, eps=eps)
+        for x in self._pieces:   # the moments live in the flat state: one tensor to snapshot
+            state = self.adam.state[x.master]
+            state["exp_avg"], state["exp_avg_sq"] = self._exp_avg[x.local], self._exp_avg_sq[x.local]
+
+    def zero_grad(self) -> None:
+        for _, p, _ in self._params:
+            p.grad = None
+        for x in self._pieces:
+            x.master.grad = None
+        self.ddp.zero_grad_buffer()
+
+    def _prepare_master_grads(self) -> list[torch.Tensor]:
+        """Every param's whole fp32 gradient (the buffer's views when it is fp32)."""
+        return [p.main_grad if p.main_grad.dtype == torch.float32 else p.main_grad.float()
+                for _, p, _ in self._params]
+
+    def _update(self, grads: list[torch.Tensor]) -> None:
+        for x in self._pieces:
+            x.master.grad = grads[x.index].view(-1)[x.start:x.end]
+        self.adam.step()
+        if self._master is not None:
+            for x in self._pieces:
+                self._params[x.index][1].detach().view(-1)[x.start:x.end].copy_(x.master)
+        self._all_gather_params()
+
+    def _all_gather_params(self) -> None:
+        ps, buffer = self.ps, self.ddp.param_buffer
+        if ps.dp_size == 1:
+            return
+        size = self.ddp.shard_size
+        own = buffer[ps.dp_rank * size:(ps.dp_rank + 1) * size].clone()   # input must not alias output
+        with peer_failures("DP param all-gather"), \
+                ps.timeline.span("all_gather", "dp", buffer.numel() * buffer.element_size()):
+            _all_gather_single(buffer, own, ps.dp_group)
+
+    def _gather(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's flat slice -> the whole flat tensor (the param buffer's layout)."""
+        size = self.ddp.shard_size
+        if self.ps.dp_size == 1:
+            return flat
+        own = torch.zeros(size, dtype=flat.dtype, device=flat.device)
+        own[:flat.numel()] = flat
+        out = torch.empty(size * self.ps.dp_size, dtype=flat.dtype, device=flat.device)
+        with peer_failures("optimizer state all-gather"):
+            _all_gather_single(out, own, self.ps.dp_group)
+        return out
+
+    def _step_counter(self) -> torch.Tensor:
+        # Every piece takes every step (skipped steps skip all of them), so one counter says it.
+        return self.adam.state[self._pieces[0].master]["step"]
+
+    def state_tensors(self, gathered: bool = False) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if gathered:
+            flats = {"exp_avg": self._gather(self._exp_avg), "exp_avg_sq": self._gather(self._exp_avg_sq)}
+            if self._master is not None:
+                flats["master"] = self._gather(self._master)
+            for name, p, _ in self._params:
+                start, end = self.ddp.param_range[id(p)]
+                for kind in ("master", "exp_avg", "exp_avg_sq"):
+                    if kind in flats:
+                        out[f"optimizer/{kind}/{name}"] = flats[kind][start:end].view(p.shape)
+                out[f"optimizer/step/{name}"] = self._step_counter().clone()
+        else:
+            out[SHARD + "range"] = torch.tensor([self._lo, self._hi, self.ddp.grad_buffer.numel()],
+                                                dtype=torch.int64)
+            if self._master is not None:
+                out[SHARD + "master"] = self._master
+            out[SHARD + "exp_avg"] = self._exp_avg
+            out[SHARD + "exp_avg_sq"] = self._exp_avg_sq
+            out[SHARD + "step"] = self._step_counter()
+        if self.grad_scaler is not None:
+            out.update({f"optimizer/grad_scaler/{k}": v for k, v in self.grad_scaler.state_tensors().items()})
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """From this rank's slice (same DP layout) or from the gathered layout (any DP size)."""
+        shard = SHARD + "range" in tensors
+        own = self._own_keys(shard)
+        if set(tensors) != own:
+            missing, unexpected = sorted(own - set(tensors)), sorted(set(tensors) - own)
+            raise ValueError(f"optimizer state mismatch: missing {missing[:3]} ({len(missing)}), "
+                             f"unexpected {unexpected[:3]} ({len(unexpected)})")
+        if shard:
+            got = tensors[SHARD + "range"].tolist()
+            mine = [self._lo, self._hi, self.ddp.grad_buffer.numel()]
+            if got != mine:
+                raise ValueError(f"optimizer shard covers {got}, this rank owns {mine} "
+                                 "(another data-parallel size or model)")
+            for kind, dst in (("master", self._master), ("exp_avg", self._exp_avg),
+                              ("exp_avg_sq", self._exp_avg_sq)):
+                if dst is not None:
+                    _copy(SHARD + kind, tensors[SHARD + kind], dst)
+            steps = [tensors[SHARD + "step"]] * len(self._pieces)
+        else:
+            steps = []
+            for x in self._pieces:
+                name, p, _ = self._params[x.index]
+                for kind, dst in (("master", self._master), ("exp_avg", self._exp_avg),
+                                  ("exp_avg_sq", self._exp_avg_sq)):
+                    if dst is not None:
+                        src = tensors[f"optimizer/{kind}/{name}"]
+                        if src.shape != p.shape or src.dtype != torch.float32:
+                            raise ValueError(f"optimizer/{kind}/{name}: checkpoint has {src.dtype}{list(src.shape)}, "
+                                             f"optimizer has torch.float32{list(p.shape)}")
+                        dst[x.local].copy_(src.reshape(-1)[x.start:x.end])
+                steps.append(tensors[f"optimizer/step/{name}"])
+        for x, step in zip(self._pieces, steps):
+            _copy("step", step, self.adam.state[x.master]["step"])
+        if self.grad_scaler is not None:
+            prefix = "optimizer/grad_scaler/"
+            self.grad_scaler.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items()
+                                                 if k.startswith(prefix)})
+        if self._master is not None:   # the model's owned pieces from the masters, as the plain one
+            for x in self._pieces:
+                self._params[x.index][1].detach().view(-1)[x.start:x.end].copy_(x.master)
+
+    def _own_keys(self, shard: bool) -> set[str]:
+        scaler = {f"optimizer/grad_scaler/{k}" for k in self.grad_scaler.state_tensors()} \
+            if self.grad_scaler is not None else set()
+        kinds = ["exp_avg", "exp_avg_sq", "step"] + (["master"] if self._master is not None else [])
+        if shard:
+            return {SHARD + k for k in kinds + ["range"]} | scaler
+        return {f"optimizer/{k}/{name}" for k in kinds for name, _, _ in self._params} | scaler
+
+
+def _copy(key: str, src: torch.Tensor, dst: torch.Tensor) -> None:
+    if src.shape != dst.shape or src.dtype != dst.dtype:
+        raise ValueError(f"{key}: checkpoint has {src.dtype}{list(src.shape)}, optimizer has "
+                         f"{dst.dtype}{list(dst.shape)}")
+    dst.copy_(src)
+
+
+def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name).
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)

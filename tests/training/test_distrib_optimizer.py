@@ -1,0 +1,166 @@
+"""The distributed optimizer (ZeRO-1): bit-identical to the plain optimizer, state divided
+by the DP size, its two state layouts round-trip bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gemini_lm.parallel.data_parallel import DistributedDataParallel
+from gemini_lm.parallel.state import ParallelState
+from gemini_lm.parallel.timeline import CollectiveTimeline
+from gemini_lm.training.distrib_optimizer import DistributedOptimizer
+from gemini_lm.training.optimizer import build_optimizer
+from tests.dist import run_ranks
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BUCKET_MB = 100 * 4 / 2 ** 20   # several buckets, so shards cut through buckets and params
+
+
+class _Net(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(7, 13)      # odd sizes: shards end inside parameters
+        self.norm = nn.LayerNorm(13)
+        self.fc2 = nn.Linear(13, 5)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+def _build(ps, precision: str, distributed: bool):
+    model = _Net(DTYPES[precision])
+    ddp = DistributedDataParallel(model, ps, bucket_size_mb=BUCKET_MB, use_distributed_optimizer=distributed)
+    # clip_grad small enough to clip every step: the norm must agree bit for bit too
+    opt = build_optimizer(model, ps, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), clip_grad=0.05,
+                          precision=precision, ddp=ddp, initial_loss_scale=2.0 ** 10,
+                          use_distributed_optimizer=distributed)
+    return model, ddp, opt
+
+
+def _step(ps, model, ddp, opt, iteration: int):
+    g = torch.Generator().manual_seed(100 + iteration)
+    x, y = torch.randn(4 * ps.dp_size, 7, generator=g), torch.randn(4 * ps.dp_size, 5, generator=g)
+    x, y = x[4 * ps.dp_rank:4 * (ps.dp_rank + 1)], y[4 * ps.dp_rank:4 * (ps.dp_rank + 1)]
+    ps.timeline.begin_iteration(iteration)
+    loss = nn.functional.mse_loss(ddp(x.to(next(model.parameters()).dtype)).float(), y)
+    opt.scale_loss(loss).backward()
+    ddp.finish_grad_sync()
+    if iteration == 3 and opt.grad_scaler is not None and ps.dp_rank == 0:
+        model.fc2.bias.main_grad[0] = float("inf")   # an overflow on one rank skips the step on all
+    result = opt.step(iteration)
+    ps.timeline.end_iteration()
+    return float(loss.detach()), result.grad_norm, result.update_successful
+
+
+def _train(ps, precision: str, distributed: bool, iters: int = 6):
+    model, ddp, opt = _build(ps, precision, distributed)
+    log = [_step(ps, model, ddp, opt, i) for i in range(1, iters + 1)]
+    return model, ddp, opt, log
+
+
+def _np(tensors: dict) -> dict:
+    return {k: v.detach().float().numpy().copy() for k, v in tensors.items()}
+
+
+def _equivalence_body(rank: int, world_size: int):
+    # One spawn for every precision: starting ranks costs seconds, the checks do not.
+    ps = ParallelState.initialize(tp_size=1)
+    return {precision: _equivalence(ps, precision) for precision in DTYPES}
+
+
+def _equivalence(ps, precision: str):
+    ps.timeline = CollectiveTimeline()
+    plain_model, _, plain_opt, plain_log = _train(ps, precision, False)
+    model, ddp, opt, log = _train(ps, precision, True)
+    assert isinstance(opt, DistributedOptimizer)
+    out = {"plain_log": plain_log, "log": log,
+           "plain_params": _np(dict(plain_model.named_parameters())), "params": _np(dict(model.named_parameters())),
+           "plain_state": _np(plain_opt.state_tensors()), "gathered": _np(opt.state_tensors(gathered=True)),
+           "plain_bytes": sum(t.numel() * t.element_size() for t in plain_opt.state_tensors().values()),
+           "bytes": sum(t.numel() * t.element_size() for t in opt.state_tensors().values()),
+           "spans": sorted({s.kind for it in ps.timeline.iterations() for s in it.spans if s.group == "dp"})}
+
+    # Round trips: the shard layout into a fresh optimizer of the same layout, the gathered
+    # one likewise; both must continue exactly as the original.
+    shard = {k: v.clone() for k, v in opt.state_tensors().items()}
+    gathered = {k: v.clone() for k, v in opt.state_tensors(gathered=True).items()}
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    continued = [_step(ps, model, ddp, opt, i) for i in (7, 8)]
+    for layout in (shard, gathered):
+        m2, ddp2, opt2 = _build(ps, precision, True)
+        with torch.no_grad():
+            for n, p in m2.named_parameters():
+                p.copy_(params[n])
+        opt2.load_state_tensors(layout)
+        assert [_step(ps, m2, ddp2, opt2, i) for i in (7, 8)] == continued
+        assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in m2.named_parameters())
+    return out
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_equals_plain_bit_for_bit_dp3(tmp_path):
+    # DP=3: the all-reduce's summation order matters (a+b+c), the last shard is padded.
+    for precision, r in [(p, r) for ranks in run_ranks(_equivalence_body, world_size=3, tmp_path=tmp_path)
+                         for p, r in ranks.items()]:
+        assert r["log"] == r["plain_log"]                  # losses, grad norms, skipped steps
+        assert any(norm is not None and norm > 0.05 for _, norm, _ in r["log"])   # clipping ran
+        if precision == "fp16":
+            assert [ok for _, _, ok in r["log"]][2] is False
+        for k, v in r["plain_params"].items():
+            assert (v == r["params"][k]).all(), k
+        assert r["gathered"].keys() == r["plain_state"].keys()
+        for k, v in r["plain_state"].items():
+            assert (v == r["gathered"][k]).all(), k
+        # a third of the state, up to the shard's range, its step and the padding
+        assert r["bytes"] < r["plain_bytes"] / 3 * 1.05 + 64, (r["bytes"], r["plain_bytes"])
+        assert r["spans"] == ["all_gather", "all_reduce"]
+
+
+def _single_process_state() -> ParallelState:
+    return ParallelState(rank=0, world_size=1, tp_size=1, tp_rank=0, dp_size=1, dp_rank=0,
+                         tp_group=None, dp_group=None, tp_ranks=[0], dp_ranks=[0])
+
+
+def test_dp1_is_allowed_and_equals_plain():
+    ps = _single_process_state()
+    plain_model, _, plain_opt, plain_log = _train(ps, "bf16", False)
+    model, _, opt, log = _train(ps, "bf16", True)
+    assert log == plain_log
+    assert all(torch.equal(p, dict(plain_model.named_parameters())[n]) for n, p in model.named_parameters())
+    gathered, plain = opt.state_tensors(gathered=True), plain_opt.state_tensors()
+    assert gathered.keys() == plain.keys()
+    assert all(torch.equal(gathered[k], plain[k]) for k in plain)
+
+
+def test_params_live_in_the_param_buffer():
+    ps = _single_process_state()
+    model, ddp, _ = _build(ps, "fp32", True)
+    for p in model.parameters():
+        start, end = ddp.param_range[id(p)]
+        assert p.data_ptr() == ddp.param_buffer[start:end].data_ptr()
+
+
+def test_shard_layout_rejects_another_layout():
+    ps = _single_process_state()
+    _, _, opt = _build(ps, "fp32", True)
+    state = {k: v.clone() for k, v in opt.state_tensors().items()}
+    state["optimizer/shard/range"] = torch.tensor([0, 10, 10])
+    with pytest.raises(ValueError, match="another data-parallel size"):
+        opt.load_state_tensors(state)
+
+
+def test_without_the_param_buffer_is_an_error():
+    ps = _single_process_state()
+    model = _Net(torch.float32)
+    ddp = DistributedDataParallel(model, ps)
+    with pytest.raises(ValueError, match="use_distributed_optimizer"):
+        build_optimizer(model, ps, lr=1e-3, ddp=ddp, use_distributed_optimizer=True)
+
+
+def test_each_dp_rank_is_its_own_gemini_shard():
+    from gemini_lm.checkpoint.naming import shard_id, tp_rank_of
+    assert shard_id(1) == "tp01" and shard_id(1, 2) == "tp01dp02"
+    assert tp_rank_of("tp01dp02") == 1
