@@ -20,6 +20,7 @@ Every shard file is written and read through an optional `files.Throttle`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,11 +50,20 @@ def partial_dir(save_dir: str, iteration: int) -> str:
     return os.path.join(save_dir, iter_dir_name(iteration) + PARTIAL_SUFFIX)
 
 
+def discard_partial(save_dir: str, iteration: int) -> None:
+    """A failed write leaves nothing behind: its (shared) `.partial` directory goes. A TP peer
+    still writing into it fails in turn, and the finalizer stops waiting for it."""
+    shutil.rmtree(partial_dir(save_dir, iteration), ignore_errors=True)
+
+
 def write_shard_file(partial: str, tp_rank: int, payload, throttle: Throttle | None = None,
                      known_checksum: str | None = None) -> dict:
     """Write one shard's snapshot bytes (a safetensors file) and describe it for the manifest.
     `known_checksum`: the payload's checksum when the caller has it (a committed slot)."""
-    os.makedirs(partial, exist_ok=True)
+    # mkdir, not makedirs: a --save deleted under a running job is an error, not re-created
+    # (it may have been a mount point).
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(partial)
     write_file_atomic(os.path.join(partial, shard_file_name(tp_rank)), payload, throttle)
     return {"file": shard_file_name(tp_rank), "nbytes": len(payload),
             "checksum": known_checksum or checksum(payload)}
@@ -75,6 +85,8 @@ def finalize_from_sidecars(save_dir: str, iteration: int, tp_size: int, extra: d
     deadline = time.monotonic() + timeout_s
     sides = [os.path.join(partial, shard_sidecar_name(r)) for r in range(tp_size)]
     while not all(os.path.exists(p) for p in sides):
+        if not os.path.isdir(partial):   # another shard's writer failed and discarded it
+            raise FileNotFoundError(f"{partial}: removed by a failed shard write")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{partial}: shards missing after {timeout_s:.0f}s")
         time.sleep(0.05)

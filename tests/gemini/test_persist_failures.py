@@ -1,0 +1,96 @@
+"""A persist that cannot be written (issue 13, item 1) is counted, reported and retried at the
+next save point; it leaves no `.partial` directory behind and never re-creates a --save
+directory deleted under it. Real filesystem errors: a full tmpfs (ENOSPC), a read-only one
+(EROFS), a deleted directory (ENOENT)."""
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+from gemini_lm.checkpoint.persistent import latest_iteration
+from gemini_lm.checkpoint.snapshot import SnapshotLayout
+from gemini_lm.gemini.persist import Persister
+from gemini_lm.gemini.store import MemoryStore
+from tests.tmpfs import tmpfs  # noqa: F401 - a fixture
+
+STATE = {"w": torch.arange(256 * 1024, dtype=torch.float32).reshape(256, 1024)}   # 1 MiB
+LAYOUT = SnapshotLayout.build(STATE, {"format": "test"})
+
+
+def _commit(store: MemoryStore, iteration: int, shard: str = "tp00"):
+    w = store.begin_write(shard, LAYOUT.nbytes, LAYOUT.layout_hash)
+    LAYOUT.write(STATE, w.buffer)
+    return store.commit(w, iteration)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = MemoryStore(str(tmp_path / "shm"), "job", "m0")
+    yield s
+    s.close()
+
+
+def _persister(store, save_dir, tp_size=1, finalizer=True, **kw):
+    return Persister(store, str(save_dir), 0, tp_size, finalizer=finalizer, keep=None,
+                     manifest={"metadata": {}}, **kw)
+
+
+def _leftovers(save_dir) -> list[str]:
+    return sorted(n for n in os.listdir(save_dir) if not n.startswith("iter_") or n.endswith(".partial")) \
+        if os.path.isdir(save_dir) else []
+
+
+def test_a_full_filesystem_is_counted_cleaned_up_and_retried(store, tmpfs):
+    save = tmpfs("512k")
+    p = _persister(store, save)
+    p.submit(_commit(store, 1))
+    p.wait()
+    assert p.failures == 1 and isinstance(p.error, OSError) and p.last_iteration is None
+    assert os.listdir(save) == []                  # no iter_0000001.partial, no temporary file
+    tmpfs.remount(save, "size=8m")                 # space freed: the next save point succeeds
+    p.submit(_commit(store, 2))
+    p.wait()
+    p.close()
+    assert (p.failures, p.error, p.last_iteration) == (1, None, 2)
+    assert latest_iteration(str(save)) == 2 and _leftovers(save) == ["latest_checkpointed_iteration.txt"]
+
+
+def test_a_read_only_filesystem_is_a_counted_failure(store, tmpfs):
+    save = tmpfs("8m")
+    tmpfs.remount(save, "ro")
+    p = _persister(store, save)
+    p.submit(_commit(store, 1))
+    p.wait()
+    p.close()
+    assert p.failures == 1 and p.error is not None and os.listdir(save) == []
+
+
+def test_a_save_directory_deleted_under_it_is_not_recreated(store, tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    p = _persister(store, save)
+    shutil.rmtree(save)
+    p.submit(_commit(store, 1))
+    p.wait()
+    p.close()
+    assert p.failures == 1 and isinstance(p.error, FileNotFoundError)
+    assert not save.exists()   # deleted by someone: not silently re-created beneath a mount point
+
+
+def test_the_finalizer_stops_waiting_when_a_peer_shard_gave_up(store, tmp_path):
+    # TP=2: the other shard's writer failed and removed the partial directory; the finalizer
+    # must not wait out its timeout for a sidecar that will never come.
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    p = _persister(store, save, tp_size=2, finalize_timeout_s=60.0)
+    p.submit(_commit(store, 1))
+    partial = save / "iter_0000001.partial"
+    while not (partial / "tp_rank_00.json").exists():   # tp00 is written: the finalizer now waits for tp01
+        threading.Event().wait(0.01)
+    shutil.rmtree(partial)   # what the failed tp01 writer does
+    p.wait()
+    p.close()
+    assert p.failures == 1 and not isinstance(p.error, TimeoutError), repr(p.error)
+    assert _leftovers(save) == []
