@@ -1,6 +1,7 @@
 """Errors and exit codes the command-line front ends share.
 
-Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); EXIT_RESTART when a
+Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); EXIT_UNSAVED (3) when
+training finished but its final persist failed (one line: where the state is kept); EXIT_RESTART when a
 failure was detected and the worker wants its agent (torchrun) to restart it; EXIT_REFORK
 between a supervised training process and its supervisor only.
 """
@@ -13,6 +14,7 @@ from typing import Callable
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_UNSAVED = 3     # training finished but its final state could not be written to --save
 EXIT_RESTART = 75   # EX_TEMPFAIL: "failure detected, restart me"
 EXIT_REFORK = 76    # a supervised training process: "a peer failed before I could recover in place:
                     # re-fork me warm" (never seen by torchrun: the supervisor acts on it)

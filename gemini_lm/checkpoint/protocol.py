@@ -37,5 +37,6 @@ class Checkpointer(Protocol):
     def set_window_hook(self, hook: WindowHook) -> None:
         """Failure injection: run `hook` inside each checkpoint window this checkpointer has."""
 
-    def close(self, iteration: int, clean: bool) -> None:
-        """Drain background work; a clean finish leaves the final state on disk."""
+    def close(self, iteration: int, clean: bool) -> str | None:
+        """Drain background work; a clean finish leaves the final state on disk. A message
+        when it could not (the state is then kept elsewhere: the run must not exit 0)."""

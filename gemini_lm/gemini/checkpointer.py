@@ -18,6 +18,7 @@ Who writes, who leads a machine and where copies go is the GeminiTopology, built
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.interleave import TrafficScheduler
-from gemini_lm.gemini.persist import Persister
+from gemini_lm.gemini.persist import Persister, describe
 from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.restore import restore_state
 from gemini_lm.gemini.store import MemoryStore
@@ -245,6 +246,9 @@ class Checkpointer:
             out["gemini_repl_send_s"] = self.replicator.last_send_s
         if self.persister is not None and self.persister.last_persist_s is not None:
             out["gemini_persist_s"] = self.persister.last_persist_s
+        if self.persister is not None and self.persister.failures:
+            out["gemini_persist_failures"] = self.persister.failures   # cumulative; wandb plots it
+            out["gemini_persist_failing"] = int(self.persister.error is not None)
         plan = self.traffic.plan
         if plan is not None:
             out["gemini_interleave_every"] = self.traffic.every
@@ -283,13 +287,17 @@ class Checkpointer:
         return rec.iteration
 
     # ---- shutdown ---------------------------------------------------------------------
-    def close(self, iteration: int, clean: bool) -> None:
+    def close(self, iteration: int, clean: bool) -> str | None:
+        """Drain; a clean finish writes the final state to --save and frees the memory store,
+        unless that write failed on some rank: then the store is kept (the only copy) and
+        the one-line message saying so is returned."""
         self.ps.timeline.release_waiters()   # chunks waiting for a next iteration go now
         if clean:
             self._drain()
         if self.replicator is not None:
             self.replicator.close()
             self.replicator = None
+        unsaved = None
         if self.persister is not None:
             if clean and (self.last_record is None or self.last_record.iteration != iteration):
                 self._snapshot(iteration)
@@ -298,12 +306,28 @@ class Checkpointer:
             if clean and self.persister.last_iteration != iteration:
                 self.persister.submit(self.last_record)   # always leave the final state on disk
                 self.persister.wait()
+            if clean and self.persister.last_iteration != iteration:
+                unsaved = self._unsaved_message(iteration)
             self.persister.close()
         self._worker.shutdown(wait=clean)
         if clean:
+            flag = torch.tensor([unsaved is not None], dtype=torch.int32, device=self.ps.device)
             with peer_failures("GEMINI close"):
-                dist.barrier()   # every rank is done with the store before it goes
+                # Also the barrier: every rank is done with the store before it goes.
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                self.store.close()   # the newest state exists nowhere else: never free it
+                return unsaved or self._unsaved_message(iteration)
             if self.topology.is_leader and not self.cfg.gemini.gemini_keep_store:
                 self.store.wipe()
-                return
+                return None
         self.store.close()
+        return None
+
+    def _unsaved_message(self, iteration: int) -> str:
+        err = self.persister.error if self.persister is not None else None
+        why = f" ({describe(err)})" if err is not None else " (another shard's write failed)"
+        return (f"training finished, but its final state (iteration {iteration}) could not be written to "
+                f"--save {self.cfg.checkpoint.save}{why}; it is kept in memory at "
+                f"{os.path.dirname(self.store.path)}: make room and run the same command again "
+                f"(same --log-dir), which resumes from memory and writes it")

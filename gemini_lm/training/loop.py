@@ -13,6 +13,7 @@ peer fail does not exit: it rejoins the next generation and rolls back in place
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from gemini_lm.checkpoint.protocol import Checkpointer
 from gemini_lm.config import Config, num_micro_batches, training_world_size
 from gemini_lm.data.samplers import micro_batches
-from gemini_lm.errors import EXIT_REFORK, EXIT_RESTART, UsageError
+from gemini_lm.errors import EXIT_REFORK, EXIT_RESTART, EXIT_UNSAVED, UsageError
 from gemini_lm.gemini.topology import machine_id
 from gemini_lm.log import ALL_RANKS, get_logger, setup_logging
 from gemini_lm.parallel.comm import peer_failures
@@ -180,7 +181,7 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
     tokens_per_iter = gbs * cfg.model.seq_length
     window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
     iteration = start_iteration
-    clean = False
+    clean, unsaved = False, None
     try:
         while iteration < t.train_iters:
             try:
@@ -242,13 +243,17 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         failures.handle(exc)   # a collective failure exits here, skipping the clean-up below
         raise
     finally:
-        checkpointer.close(iteration, clean=clean)
+        unsaved = checkpointer.close(iteration, clean=clean)
         logger.close()
         failures.close()
     if dist.is_initialized():
         with peer_failures("final barrier"):
             dist.barrier()
         dist.destroy_process_group()
+    if unsaved:   # every rank exits non-zero: the run is not done until its state is on disk
+        if ps.rank == 0:
+            print(f"error: {unsaved}", file=sys.stderr, flush=True)
+        return EXIT_UNSAVED
     return 0
 
 

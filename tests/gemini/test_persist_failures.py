@@ -4,15 +4,19 @@ directory deleted under it. Real filesystem errors: a full tmpfs (ENOSPC), a rea
 (EROFS), a deleted directory (ENOENT)."""
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 
 from gemini_lm.checkpoint.persistent import latest_iteration
+from gemini_lm.errors import EXIT_UNSAVED
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.gemini.persist import Persister
 from gemini_lm.gemini.store import MemoryStore
+from tests.e2e import read_metrics
 from tests.tmpfs import tmpfs  # noqa: F401 - a fixture
 
 STATE = {"w": torch.arange(256 * 1024, dtype=torch.float32).reshape(256, 1024)}   # 1 MiB
@@ -94,3 +98,29 @@ def test_the_finalizer_stops_waiting_when_a_peer_shard_gave_up(store, tmp_path):
     p.close()
     assert p.failures == 1 and not isinstance(p.error, TimeoutError), repr(p.error)
     assert _leftovers(save) == []
+
+
+@pytest.mark.slow
+def test_a_run_whose_final_persist_fails_keeps_its_state_and_says_where(byte_corpus, tmp_path, tmpfs):
+    """The whole run on a --save too small for one checkpoint: every persist fails, metrics say
+    so, the run exits EXIT_UNSAVED with one line naming the store, which it keeps; the same
+    command, once there is room, resumes from memory and writes the final state."""
+    from tests.test_cli_errors import ENTRY, TINY
+
+    save, log, shm = tmpfs("64k"), tmp_path / "log", tmp_path / "shm"
+    argv = [sys.executable, ENTRY, "--data-path", byte_corpus, *TINY, "--train-iters", "6",
+            "--save-interval", "2", "--save", str(save), "--log-dir", str(log), "--gemini-store-dir", str(shm)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == EXIT_UNSAVED, first.stderr[-2000:]
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "iteration 6" in errors[0] and str(shm) in errors[0], first.stderr[-2000:]
+    assert "Traceback" not in first.stderr
+    assert os.listdir(save) == [] and os.listdir(shm)          # nothing half-written; the state kept
+    assert max(r.get("gemini_persist_failures", 0) for r in read_metrics(str(log))) >= 1
+
+    tmpfs.remount(save, "size=8m")
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert latest_iteration(str(save)) == 6 and _leftovers(save) == ["latest_checkpointed_iteration.txt"]
+    assert not shm.exists() or os.listdir(shm) == []              # written out: the store is freed
