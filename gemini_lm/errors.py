@@ -8,6 +8,7 @@ between a supervised training process and its supervisor only.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable
@@ -42,10 +43,18 @@ class ReplicationError(PeerFailure):
 
 
 class UsageArgumentParser(argparse.ArgumentParser):
-    """argparse prints usage + error and exits 2; under run_cli this prints one line and exits 2."""
+    """argparse prints usage + error and exits 2; under run_cli this prints one line and exits 2.
+    Every float flag of every tool refuses nan and inf: no flag means them, and nan passes
+    every range check (each comparison is False)."""
 
     def error(self, message):
         raise UsageError(message)
+
+    def _get_value(self, action, arg_string):
+        value = super()._get_value(action, arg_string)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentError(action, f"{arg_string!r} is not a finite number")
+        return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
