@@ -62,6 +62,19 @@ def _corrupt_copy(src_prefix: str, dst_prefix: str, truncate: str | None = None,
     return dst_prefix
 
 
+def _encoded_elsewhere(prefix: str) -> None:
+    """A well-formed pair whose ids come from a bigger vocabulary than the byte tokenizer's."""
+    import numpy as np
+
+    from gemini_lm.data.indexed_dataset import IndexedDatasetBuilder
+
+    with IndexedDatasetBuilder(prefix + ".bin", np.uint16) as builder:
+        for i in range(64):
+            builder.add_item(np.arange(i * 40, i * 40 + 40) % 1000)
+            builder.end_document()
+        builder.finalize(prefix + ".idx")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--micro-batch-size", "3", "--global-batch-size", "4"], "--global-batch-size 4 is not divisible"),
     (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
@@ -80,12 +93,15 @@ def test_bad_flags(run, flags, message):
     ("no_idx", "indexed dataset file not found"),
     ("short_idx", "truncated or corrupt index"),
     ("short_bin", "the pair is truncated or mismatched"),
+    ("foreign_tokens", "token id 999 is outside the vocabulary of --tokenizer-type ByteLevelTokenizer"),
 ])
-def test_missing_or_truncated_data(run, byte_corpus, tmp_path, case, message):
+def test_missing_or_truncated_data(run, byte_corpus, tmp_path, case, message, monkeypatch):
     bad = str(tmp_path / "bad_text_document")
+    monkeypatch.setenv("GEMINI_LM_CACHE", str(tmp_path / "cache"))
     {"no_idx": lambda: _corrupt_copy(byte_corpus, bad, drop=".idx"),
      "short_idx": lambda: _corrupt_copy(byte_corpus, bad, truncate=".idx"),
-     "short_bin": lambda: _corrupt_copy(byte_corpus, bad, truncate=".bin")}[case]()
+     "short_bin": lambda: _corrupt_copy(byte_corpus, bad, truncate=".bin"),
+     "foreign_tokens": lambda: _encoded_elsewhere(bad)}[case]()
     save = tmp_path / "ckpt"
     result, outputs = run("--save", str(save), data_path=bad)
     assert_usage_error(result, {**outputs, "save": save}, message)

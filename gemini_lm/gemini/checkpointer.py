@@ -105,6 +105,8 @@ class Checkpointer:
     def restore(self) -> dict:
         """Load the newest state there is; the recovery record (source "none": nothing found)."""
         topo = self.topology
+        if self.ps.rank == 0 and topo.placement.notes:   # what the flags became here, e.g. a clamped m
+            log.info("GEMINI placement: " + "; ".join(topo.placement.notes))
         try:
             record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
                                    self.cfg.checkpoint.load, self.throttle)
