@@ -6,6 +6,7 @@ its own ChildFailedError report (with the workers' exit codes), which we do not 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 from tests.dist import run_ranks
 from tests.e2e import ROOT
+from tests.tmpfs import tmpfs  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow   # spawns processes
 
@@ -128,6 +130,36 @@ def test_damaged_checkpoint_under_load_leaves_no_store(run, tmp_path):
     assert not outputs["shm"].exists() or not any(outputs["shm"].rglob("*")), "an empty GEMINI store was left"
 
 
+def test_a_checkpoint_whose_tensors_disagree_with_the_model(run, tmp_path):
+    """Issue 13, item 5: a shard whose checksum matches its manifest but whose safetensors header
+    holds another dtype or shape (rewritten by hand, another tool) is one line, not a run that
+    quietly restarts from a garbled counter."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from gemini_lm.checkpoint.checksum import checksum
+
+    save = tmp_path / "ckpt"
+    result, outputs = run("--save", str(save), "--no-gemini")
+    assert result.returncode == 0, result.stderr
+    shard, manifest = save / "iter_0000002" / "tp_rank_00.safetensors", save / "iter_0000002" / "manifest.json"
+    with safe_open(str(shard), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(shard))
+    tensors["train/iteration"] = torch.zeros(3, dtype=torch.float64)
+    save_file(tensors, str(shard), metadata=metadata)
+    entry = json.loads(manifest.read_text())
+    payload = shard.read_bytes()
+    entry["shards"]["tp00"].update(nbytes=len(payload), checksum=checksum(payload))
+    manifest.write_text(json.dumps(entry))
+    shutil.rmtree(outputs["log"])
+    result, outputs = run("--load", str(save))
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "does not fit this model: train/iteration: checkpoint has torch.float64 (3,)" in lines[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -186,3 +218,15 @@ def _agree_body(rank, world_size):
 def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
     # Otherwise the ranks that passed would wait for the failed one in the next collective.
     assert run_ranks(_agree_body, 2, tmp_path) == ["only rank 1 lacks its data"] * 2
+
+
+def test_a_store_too_small_for_two_slots(run, tmpfs):
+    """Issue 13, item 5: ENOSPC while the store makes its slots at start-up is the user's choice
+    of --gemini-store-dir: one line, exit 2, and no empty store left in it. (Found at restore,
+    as a damaged --load is: the log directory exists by then.)"""
+    small = tmpfs("64k")
+    result, outputs = run("--gemini-store-dir", str(small))
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --gemini-store-dir {small}: no room for two slots of"), lines[0]
+    assert os.listdir(small) == []

@@ -110,11 +110,11 @@ class Checkpointer:
         try:
             record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
                                    self.cfg.checkpoint.load, self.throttle)
+            self._start_replication()   # a store too small for two slots is found here
         except UsageError:
             if topo.is_leader and not self.store.records():
                 self.store.wipe()   # it holds nothing: bad input leaves no empty store behind
             raise
-        self._start_replication()
         return record
 
     def _start_replication(self) -> None:

@@ -27,6 +27,7 @@ drops when a process dies:
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
@@ -382,6 +383,14 @@ class MemoryStore:
                 fcntl.flock(s.fd, fcntl.LOCK_EX)
                 try:
                     self._map(s, nbytes)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    # At start-up this is the user's choice of store, not a failure to recover from.
+                    st = os.statvfs(self.root)
+                    raise UsageError(f"--gemini-store-dir {self.root}: no room for two slots of "
+                                     f"{nbytes / 2**20:.1f} MiB (shard {shard}; the filesystem holds "
+                                     f"{st.f_blocks * st.f_frsize / 2**20:.1f} MiB in all)") from None
                 finally:
                     fcntl.flock(s.fd, fcntl.LOCK_UN)
 
