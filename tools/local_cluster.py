@@ -259,13 +259,15 @@ class Cluster:
 
     # ---- run --------------------------------------------------------------------------
     def run(self) -> int:
-        import torch.distributed as dist
+        import datetime
+
+        from gemini_lm.resilience.listen import serve_store   # imports torch: not for --help
 
         os.makedirs(self.log_dir, exist_ok=True)
         os.makedirs(self.store_root, exist_ok=True)
         # Agents join this store as clients (is_host=false): it outlives every machine.
-        self.store = dist.TCPStore("127.0.0.1", self.args.port, is_master=True, wait_for_workers=False,
-                                   timeout=__import__("datetime").timedelta(seconds=600))
+        # Bound to loopback: torch's own server would listen on every interface.
+        self.store = serve_store("127.0.0.1", self.args.port, timeout=datetime.timedelta(seconds=600))
         self.port = self.store.port
         for slot in range(self.args.machines + self.warm_spares):
             self.start_machine(slot)
