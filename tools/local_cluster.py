@@ -40,7 +40,7 @@ import time
 
 from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience import procs
-from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store
+from gemini_lm.resilience.injection import Injection, inject, mark_store_root, metrics_size, wipe_machine_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,7 +166,7 @@ class Cluster:
                 m["state"] = "done"
             elif rc < 0:   # killed by a signal: the machine is lost
                 m["state"] = "dead"
-                wipe_machine_store(self.store_root, m["id"])
+                wipe_machine_store(self.store_root, m["id"], self.cluster_id)
                 self._replace(m, now)
             else:
                 m["state"] = "failed"
@@ -235,6 +235,7 @@ class Cluster:
             else:
                 m["workers"] = []
         state = {"cluster_id": self.cluster_id, "job_id": self.job_id, "pid": os.getpid(),
+                 "pid_start": procs.start_time(os.getpid()),   # with the pid: this process, not a reused pid
                  "state": self.state, "log_dir": self.log_dir, "store_root": self.store_root,
                  "rdzv_endpoint": f"127.0.0.1:{self.port}", "procs_per_machine": self.args.procs_per_machine,
                  "machines": self.machines, "replacements": self.replacements, "injections": self.injections,
@@ -264,7 +265,7 @@ class Cluster:
         from gemini_lm.resilience.listen import serve_store   # imports torch: not for --help
 
         os.makedirs(self.log_dir, exist_ok=True)
-        os.makedirs(self.store_root, exist_ok=True)
+        mark_store_root(self.store_root, self.cluster_id)   # owner-only, and ours to delete in
         # Agents join this store as clients (is_host=false): it outlives every machine.
         # Bound to loopback: torch's own server would listen on every interface.
         self.store = serve_store("127.0.0.1", self.args.port, timeout=datetime.timedelta(seconds=600))
