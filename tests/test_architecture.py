@@ -22,7 +22,8 @@ ALLOWED = {
     "models": {"parallel", "errors"},
     "gemini": {"checkpoint", "parallel", "errors", "log", "safefs"},
     "resilience": {"checkpoint", "errors", "log", "safefs"},
-    "config": {"errors", "models"},   # models: the presets the size flags' help states
+    "flag_bounds": {"errors"},   # the range of every numeric flag
+    "config": {"errors", "models", "flag_bounds"},   # models: the presets the size flags' help states
     "training": {"checkpoint", "parallel", "models", "data", "gemini", "resilience", "errors", "log", "config",
                  "safefs"},
     "inference": {"checkpoint", "models", "data", "parallel", "errors"},
