@@ -38,6 +38,7 @@ from gemini_lm.gemini.persist import Persister, describe
 from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.restore import restore_state
 from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.gemini.store_admin import describe_size, usage
 from gemini_lm.gemini.topology import GeminiTopology, machine_id
 from gemini_lm.gemini.transport import StagedTransport, connect_routes, route_groups
 from gemini_lm.log import get_logger
@@ -324,6 +325,11 @@ class Checkpointer:
                 self.store.wipe()
                 return None
         self.store.close()
+        if self.topology.is_leader:   # say what stays in memory, and how to free it
+            nbytes, _ = usage(self.store.path)
+            why = "as --gemini-keep-store asks" if clean else "so that a restart resumes from it"
+            log.warning(f"GEMINI: the memory store stays at {self.store.path} ({describe_size(nbytes)}) {why}; "
+                        f"free it with `python tools/gemini_store.py remove {self.job_id}`")
         return None
 
     def _unsaved_message(self, iteration: int) -> str:

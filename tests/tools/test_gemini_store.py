@@ -79,3 +79,20 @@ def test_bad_input_is_one_line(tmp_path, args):
 
     with pytest.raises(UsageError):
         gemini_store.main([*args, "--store-dir", str(tmp_path)])
+
+
+def test_a_run_that_keeps_its_store_says_where_and_the_tool_frees_it(byte_corpus, tmp_path):
+    from tests.test_cli_errors import ENTRY, TINY
+
+    root = tmp_path / "shm"
+    run = subprocess.run([sys.executable, ENTRY, "--data-path", byte_corpus, *TINY, "--log-dir", str(tmp_path / "log"),
+                          "--gemini-store-dir", str(root), "--gemini-keep-store"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    said = [line for line in (run.stdout + run.stderr).splitlines() if "the memory store stays at" in line]
+    assert len(said) == 1 and str(root) in said[0] and "as --gemini-keep-store asks" in said[0], run.stderr
+    job = said[0].split("gemini_store.py remove ")[1].rstrip("`")
+    listing = _tool(root, "list")
+    rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+    assert len(rows) == 1 and (rows[0][0], rows[0][2]) == (job, "2")   # the job, at its final iteration
+    assert _tool(root, "remove", job).returncode == 0 and not root.exists()
