@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from gemini_lm.checkpoint.files import Throttle
 from gemini_lm.checkpoint.naming import shard_ids
-from gemini_lm.checkpoint.persistent import check_writable, latest_iteration
+from gemini_lm.checkpoint.persistent import check_writable, discard_partial, latest_iteration
 from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
@@ -286,7 +286,11 @@ class Checkpointer:
         waiter = threading.Thread(target=persister.wait, daemon=True)   # a persist already running
         waiter.start()
         waiter.join(timeout_s / 2)
-        persister.persist(rec, finalize_timeout_s=max(1.0, deadline - time.monotonic()))
+        try:
+            persister.persist(rec, finalize_timeout_s=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            discard_partial(persister.save_dir, rec.iteration)   # the store keeps it; no .partial left
+            raise
         return rec.iteration
 
     # ---- shutdown ---------------------------------------------------------------------

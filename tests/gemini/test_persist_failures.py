@@ -124,3 +124,36 @@ def test_a_run_whose_final_persist_fails_keeps_its_state_and_says_where(byte_cor
     assert second.returncode == 0, second.stderr[-2000:]
     assert latest_iteration(str(save)) == 6 and _leftovers(save) == ["latest_checkpointed_iteration.txt"]
     assert not shm.exists() or os.listdir(shm) == []              # written out: the store is freed
+
+
+@pytest.mark.slow
+def test_a_preemption_flush_that_cannot_write_leaves_nothing_half_written(byte_corpus, tmp_path, tmpfs):
+    """SIGTERM's flush to a full --save fails: the exit for the restart still happens, the
+    failure is recorded, no .partial directory stays, and the store keeps the state."""
+    import signal
+    import time
+
+    from gemini_lm.errors import EXIT_RESTART
+    from gemini_lm.resilience.events import read_jsonl
+    from tests.test_cli_errors import ENTRY, TINY
+
+    save, log, shm = tmpfs("64k"), tmp_path / "log", tmp_path / "shm"
+    argv = [sys.executable, ENTRY, "--data-path", byte_corpus, *TINY, "--train-iters", "100000",
+            "--log-interval", "1", "--save", str(save), "--log-dir", str(log), "--gemini-store-dir", str(shm),
+            "--no-gemini-inplace"]
+    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while not (log / "metrics.jsonl").exists() or len(read_metrics(str(log))) < 3:
+            assert time.monotonic() < deadline and run.poll() is None, "training did not start"
+            time.sleep(0.1)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == EXIT_RESTART
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    failure = next(f for f in read_jsonl(str(log / "failures.jsonl")) if f["cause"] == "sigterm")
+    assert "flush failed" in failure["detail"], failure
+    assert os.listdir(save) == [] and os.listdir(shm)
