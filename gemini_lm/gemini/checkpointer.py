@@ -27,14 +27,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from gemini_lm.checkpoint.files import Throttle
+from gemini_lm.checkpoint.files import Throttle, describe
 from gemini_lm.checkpoint.naming import shard_ids
 from gemini_lm.checkpoint.persistent import check_writable, discard_partial, latest_iteration
 from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.interleave import TrafficScheduler
-from gemini_lm.gemini.persist import Persister, describe
+from gemini_lm.gemini.persist import Persister
 from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.restore import restore_state
 from gemini_lm.gemini.store import MemoryStore

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 
-from gemini_lm.checkpoint.files import Throttle
+from gemini_lm.checkpoint.files import Throttle, describe
 from gemini_lm.checkpoint.persistent import (discard_partial, finalize_from_sidecars, partial_dir,
                                              write_shard_with_sidecar)
 from gemini_lm.log import get_logger
@@ -102,10 +102,3 @@ class Persister:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join()
-
-
-def describe(exc: BaseException) -> str:
-    """An error in a few words for one line: 'No space left on device', not a repr."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    return f"{type(exc).__name__}: {exc}"

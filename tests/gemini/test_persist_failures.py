@@ -157,3 +157,22 @@ def test_a_preemption_flush_that_cannot_write_leaves_nothing_half_written(byte_c
     failure = next(f for f in read_jsonl(str(log / "failures.jsonl")) if f["cause"] == "sigterm")
     assert "flush failed" in failure["detail"], failure
     assert os.listdir(save) == [] and os.listdir(shm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["blocking", "async"])
+def test_without_gemini_a_failed_save_is_retried_and_a_failed_final_save_is_not_exit_0(byte_corpus, tmp_path,
+                                                                                      tmpfs, mode):
+    """--no-gemini has no copy in memory: write errors are counted and retried at the next save
+    point (every rank alike, no traceback), and a run whose final save failed says so and exits 3."""
+    from tests.test_cli_errors import ENTRY, TINY
+
+    save, log = tmpfs("64k"), tmp_path / "log"
+    argv = [sys.executable, ENTRY, "--data-path", byte_corpus, *TINY, "--train-iters", "6", "--log-interval", "1",
+            "--save-interval", "2", "--save", str(save), "--log-dir", str(log), "--no-gemini", *mode]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == EXIT_UNSAVED, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "iteration 6" in errors[0] and "the newest checkpoint there is none" in errors[0]
+    assert "Traceback" not in run.stderr and os.listdir(save) == []
+    assert max(r.get("persist_failures", 0) for r in read_metrics(str(log))) >= 1
