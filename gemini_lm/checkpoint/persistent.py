@@ -174,9 +174,16 @@ def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int,
     if len(payload) != nbytes or checksum(payload) != expected:
         raise UsageError(f"{path}: checksum mismatch, the checkpoint file is corrupt or truncated")
     try:
-        return tensors_from_bytes(payload), file_metadata(path)
+        tensors, metadata = tensors_from_bytes(payload), file_metadata(path)
     except Exception as exc:  # noqa: BLE001 - the library's own error types vary by version
         raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
+    # A shard's own header says which shard it is: a file copied or renamed from another
+    # shard matches its checksum in the manifest but must not be loaded here.
+    said = {k: metadata.get(k) for k in ("tp_rank", "tp_size")}
+    if any(v is not None and v != str(want) for v, want in zip(said.values(), (tp_rank, tp_size))):
+        raise UsageError(f"{path}: its header says tp_rank {said['tp_rank']} of {said['tp_size']}, "
+                         f"the manifest puts it at tp_rank {tp_rank} of {tp_size}")
+    return tensors, metadata
 
 
 def load_checkpoint(load_dir: str | None, state, tp_rank: int, tp_size: int,
