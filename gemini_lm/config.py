@@ -167,6 +167,7 @@ class Config:
     logging: LoggingConfig
     gemini: GeminiConfig
     extra: dict = field(default_factory=dict)   # entry-point specific flags
+    notes: list = field(default_factory=list)   # values adapted rather than refused: echoed at start
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -266,6 +267,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.train_iters
     if t.lr_warmup_iters > t.lr_decay_iters:
+        cfg.notes.append(f"--lr-warmup-iters {t.lr_warmup_iters} > --lr-decay-iters {t.lr_decay_iters}: "
+                         f"warmup shortened to {t.lr_decay_iters}")
         t.lr_warmup_iters = t.lr_decay_iters
     try:
         weights = [float(x) for x in cfg.data.split.replace("/", ",").split(",")]

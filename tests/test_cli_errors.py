@@ -230,3 +230,11 @@ def test_a_store_too_small_for_two_slots(run, tmpfs):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: --gemini-store-dir {small}: no room for two slots of"), lines[0]
     assert os.listdir(small) == []
+
+
+def test_values_adapted_rather_than_refused_are_echoed(run):
+    """Issue 13, item 5: a clamped value is said once, by rank 0: m > machines, warmup > decay."""
+    result, _ = run("--gemini-replicas", "3")
+    assert result.returncode == 0, result.stderr
+    assert "GEMINI placement: replicas 3 > machines 1: clamped to 1" in result.stdout
+    assert "note: --lr-warmup-iters 30 > --lr-decay-iters 2: warmup shortened to 2" in result.stdout

@@ -172,6 +172,8 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         f"global batch {gbs} = {t.micro_batch_size} x {n_micro} micro x {ps.dp_size} DP; "
         f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.2f}s ("
         + ", ".join(f"{name} {b - a:.2f}" for (_, a), (name, b) in zip(marks, marks[1:])) + ")")
+    for note in cfg.notes:
+        log.info(f"note: {note}")   # an accepted value that changes behaviour is said once
 
     def train_iter():
         return micro_batches(train_ds, progress.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp_size)

@@ -96,3 +96,10 @@ def test_a_tool_flag_refuses_nan_too():
     p.add_argument("--timeout", type=float)
     with pytest.raises(UsageError, match="'nan' is not a finite number"):
         p.parse_args(["--timeout", "nan"])
+
+
+def test_a_clamped_warmup_is_noted_for_the_start_up_echo():
+    cfg = parse_config(["--train-iters", "10", "--lr-warmup-iters", "30"], world_size=1)
+    assert cfg.training.lr_warmup_iters == 10
+    assert cfg.notes == ["--lr-warmup-iters 30 > --lr-decay-iters 10: warmup shortened to 10"]
+    assert parse_config(["--train-iters", "100", "--lr-warmup-iters", "30"], world_size=1).notes == []
