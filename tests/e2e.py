@@ -71,3 +71,61 @@ def run_pretrain(tmp_path, argv: list[str], world_size: int = 1, machines: list[
 
     return run_ranks(pretrain_body, world_size, tmp_path, args=(argv, machines), timeout_s=timeout_s,
                      backend=backend)
+
+
+def unsharded_state(save_dir: str, iteration: int) -> dict:
+    """A persistent checkpoint's state as one TP=1 rank would hold it: every parameter and its
+    optimizer state (fp32 master, Adam's exp_avg and exp_avg_sq) put together from the TP
+    shards by the parameter's declared partition, plus the step counters, the LR schedule
+    and the data position (equal on every shard). RNG states are left out: each TP rank
+    has its own model-parallel stream by design."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gemini_lm.checkpoint.persistent import read_manifest
+    from gemini_lm.inference.checkpoint import build_model, config_from_metadata, single_process_state
+    from gemini_lm.parallel.utils import is_tensor_parallel, unshard_tensors
+
+    tp_size = int(read_manifest(save_dir, iteration)["tp_size"])
+    files = [os.path.join(save_dir, f"iter_{iteration:07d}", f"tp_rank_{r:02d}.safetensors") for r in range(tp_size)]
+    shards = [load_file(f) for f in files]
+    from safetensors import safe_open
+
+    with safe_open(files[0], "pt") as f:
+        params = dict(build_model(config_from_metadata(f.metadata()), single_process_state()).named_parameters())
+    out = {}
+    for key in shards[0]:
+        if key.startswith("rng/"):
+            continue
+        name = next((key[len(p):] for p in ("model/", "optimizer/master/", "optimizer/exp_avg/",
+                                            "optimizer/exp_avg_sq/") if key.startswith(p)), None)
+        parts = [s[key] for s in shards]
+        if name is not None and is_tensor_parallel(params[name]) and tp_size > 1:
+            out[key] = unshard_tensors(parts, params[name].partition_dim, params[name].partition_stride)
+        else:
+            assert all(torch.equal(parts[0], p) for p in parts[1:]), f"{key} differs between TP shards"
+            out[key] = parts[0]
+    return out
+
+
+def assert_same_state(reference: dict, got: dict, params_atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Every tensor of `got` equals `reference`'s up to the rounding of another reduction
+    order (integers, step counters and positions exactly).
+
+    Parameters within `params_atol`: where a gradient is pure rounding noise (a key bias,
+    which softmax cannot see), Adam normalizes the noise into steps of up to the learning
+    rate, so such elements drift by ~1e-6 while real differences move them by ~lr per step.
+    Optimizer moments within 1e-4 of their tensor's largest magnitude (they span 1e-14 to
+    1e-2): a missing or doubled gradient average changes exp_avg 2x and exp_avg_sq 4x.
+    """
+    import torch
+
+    assert reference.keys() == got.keys(), sorted(reference.keys() ^ got.keys())[:5]
+    for key in reference:
+        a, b = reference[key], got[key]
+        assert a.shape == b.shape and a.dtype == b.dtype, (key, a.shape, b.shape)
+        if a.is_floating_point():
+            atol = params_atol if key.startswith("model/") else 1e-4 * float(a.abs().max())
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            assert torch.equal(a, b), key

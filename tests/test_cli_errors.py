@@ -1,6 +1,7 @@
-"""Bad input to the real entry point: one line on stderr, exit 2, no traceback, nothing written.
+"""Bad input to the real entry points: one line on stderr, exit 2, no traceback, nothing written.
 
-Every case runs `python pretrain_gpt.py ...` (or torchrun with 2 workers) as a user would.
+Every case runs `python pretrain_gpt.py ...` (or pretrain_bert.py, tools/inject_failure.py, or
+torchrun with 2 workers) as a user would.
 Under torchrun each worker prints its line and exits 2; torchrun itself exits 1 and prints
 its own ChildFailedError report (with the workers' exit codes), which we do not control.
 """
@@ -10,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -23,6 +23,7 @@ from tests.tmpfs import tmpfs  # noqa: F401 - a fixture
 pytestmark = pytest.mark.slow   # spawns processes
 
 ENTRY = os.path.join(ROOT, "pretrain_gpt.py")
+BERT_ENTRY = os.path.join(ROOT, "pretrain_bert.py")
 TINY = ["--tokenizer-type", "ByteLevelTokenizer", "--num-layers", "1", "--hidden-size", "32",
         "--num-attention-heads", "2", "--seq-length", "16", "--train-iters", "2"]
 
@@ -32,10 +33,12 @@ def run(byte_corpus, tmp_path):
     """Run pretrain_gpt.py with tiny flags; return (completed process, outputs to stay absent)."""
     outputs = {"log": tmp_path / "log", "shm": tmp_path / "shm"}
 
-    def _run(*flags: str, data_path: str | None = None, launcher: list[str] = (), timeout: float = 60):
-        argv = [*launcher, ENTRY, "--data-path", data_path or byte_corpus, *TINY,
+    def _run(*flags: str, data_path: str | None = None, launcher: list[str] = (), timeout: float = 60,
+             entry: str = ENTRY):
+        argv = [*launcher, entry, "--data-path", data_path or byte_corpus, *TINY,
                 "--log-dir", str(outputs["log"]), "--gemini-store-dir", str(outputs["shm"]), *flags]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)   # torchrun's workers share its store
         result = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                                 timeout=timeout, cwd=tmp_path, env=env)
         return result, outputs
@@ -160,10 +163,29 @@ def test_a_checkpoint_whose_tensors_disagree_with_the_model(run, tmp_path):
     assert "does not fit this model: train/iteration: checkpoint has torch.float64 (3,)" in lines[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch-size", "3", "--global-batch-size", "4"], "--global-batch-size 4 is not divisible"),
+    (["--num-attention-heads", "3"], "not divisible by"),
+    ([], "split-sentences"),   # a document-level corpus has no sentence pairs
+])
+def test_bert_entry_point(run, flags, message):
+    assert_usage_error(*run(*flags, entry=BERT_ENTRY), message)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "worker", "--target", "0"], "cluster.json not found"),
+    (["--kind", "meteor", "--target", "0"], "invalid choice: 'meteor'"),
+    (["--kind", "worker", "--target", "-1"], "--target must be >= 0"),
+    (["--kind", "worker", "--target", "0", "--during", "lunch"], "invalid choice: 'lunch'"),
+    (["--target", "0"], "the following arguments are required: --kind"),
+])
+def test_inject_failure_tool(tmp_path, args, message):
+    log_dir = tmp_path / "no_cluster_here"
+    log_dir.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "inject_failure.py"),
+                             "--log-dir", str(log_dir), *args], capture_output=True, text=True, timeout=60)
+    assert_usage_error(result, {}, message)
+    assert result.stdout == "" and os.listdir(log_dir) == []   # no event recorded, nothing armed
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -174,8 +196,10 @@ def _free_port() -> int:
 ])
 def test_two_workers_under_torchrun(run, tmp_path, flags, message):
     logs = tmp_path / "torchrun_logs"
-    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3"]
+    # --standalone: torchrun binds its rendezvous store to a free port itself and hands that
+    # store to the workers, so no port is picked here and released for someone else to take.
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--log-dir", str(logs), "--redirects", "3"]
     result, outputs = run(*flags, launcher=launcher, timeout=120)
     assert result.returncode != 0
     # torchrun names the first worker to exit as the root cause, then SIGTERMs the others:

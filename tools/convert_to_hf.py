@@ -22,7 +22,7 @@ import os
 import torch
 
 from gemini_lm.data.tokenizer import tokenizer_spec
-from gemini_lm.errors import UsageError, run_cli
+from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
 from gemini_lm.inference.checkpoint import (build_tool_tokenizer, check_tokenizer_fits,
                                             is_bert, read_full_model_state, recorded_tokenizer,
                                             single_process_state)
@@ -30,7 +30,7 @@ from gemini_lm.models import hf_bert, hf_gpt2
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = UsageArgumentParser(description=__doc__.split("\n\n")[0])   # bad flags: one line, exit 2
     p.add_argument("--load", help="our checkpoint directory to export")
     p.add_argument("--iteration", type=int, help="export this iteration (default: the newest)")
     p.add_argument("--out", help="Hugging Face directory to write")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import re
-import sys
 
 from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
 from gemini_lm.gemini.store_admin import DEFAULT_ROOT, StoreInfo, describe_size, list_stores, remove

@@ -10,8 +10,9 @@
 --kind sigterm  SIGTERM the worker with global rank TARGET (a preemption notice)
 
 --at-iteration N waits until metrics.jsonl logs an iteration >= N after this tool starts.
---during W pauses the target inside the snapshot, replication or persist window first
-(see gemini_lm/resilience/breakpoints.py), then delivers the failure there. The event
+--during W pauses the target inside the copy, snapshot, send, receive or persist window
+first (see gemini_lm/resilience/breakpoints.py), then delivers the failure there; with
+--at-iteration N, inside the first such window of an iteration >= N. The event
 is appended to <log-dir>/injections.jsonl; its JSON is printed as the last line.
 """
 from __future__ import annotations

@@ -21,7 +21,8 @@ counts replacements available at once instead.
 <log-dir>/cluster.json: machines, agent and worker PIDs, states, replacements,
 injections. Agents' stderr goes to <log-dir>/cluster/<machine>.log. At the end, on
 Ctrl-C or SIGTERM every process of the cluster is killed (found by the GEMINI_CLUSTER_ID
-in its environment, whoever its parent is) and the store root is removed.
+in its environment, whoever its parent is), what the workers left in the store root is
+listed in cluster.json (`store_left`; empty after a clean finish) and the root is removed.
 Exit code: 0 when training completed on every machine, 1 otherwise, 2 on bad input.
 """
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Cluster:
         self.state = "starting"
         self.lock = threading.Lock()
         self.store = None
+        self.store_left: list[str] | None = None   # set at shutdown, before the store root goes
 
     # ---- machines ---------------------------------------------------------------------
     def start_machine(self, slot: int, replaces: str | None = None) -> dict:
@@ -239,7 +241,7 @@ class Cluster:
                  "state": self.state, "log_dir": self.log_dir, "store_root": self.store_root,
                  "rdzv_endpoint": f"127.0.0.1:{self.port}", "procs_per_machine": self.args.procs_per_machine,
                  "machines": self.machines, "replacements": self.replacements, "injections": self.injections,
-                 "updated_at": time.time()}
+                 "store_left": self.store_left, "updated_at": time.time()}
         path = os.path.join(self.log_dir, "cluster.json")
         with open(path + ".tmp", "w") as f:
             json.dump(state, f, indent=1)
@@ -310,6 +312,9 @@ class Cluster:
         while procs.cluster_processes(self.cluster_id) and time.monotonic() < deadline:
             procs.kill_all(self.cluster_id)
             time.sleep(0.05)
+        # What the machines' workers left in memory (a clean finish frees it all), for the record.
+        self.store_left = sorted(os.path.relpath(os.path.join(d, n), self.store_root)
+                                 for d, dirs, files in os.walk(self.store_root) for n in dirs + files)
         shutil.rmtree(self.store_root, ignore_errors=True)
         for m in self.machines:
             if m["state"] == "running":

@@ -56,6 +56,18 @@ def discard_partial(save_dir: str, iteration: int) -> None:
     shutil.rmtree(partial_dir(save_dir, iteration), ignore_errors=True)
 
 
+def remove_partial_dirs(save_dir: str) -> list[str]:
+    """Delete the `.partial` directories a crashed run left in `save_dir`; their names.
+    Only when no writer of this job can be running (start-up): a stale shard or sidecar
+    must never be mixed into a checkpoint of the run that writes that iteration again."""
+    removed = []
+    for name in os.listdir(save_dir) if os.path.isdir(save_dir) else []:
+        if name.endswith(PARTIAL_SUFFIX) and parse_iter_dir_name(name[:-len(PARTIAL_SUFFIX)]) is not None:
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+            removed.append(name)
+    return sorted(removed)
+
+
 def write_shard_file(partial: str, tp_rank: int, payload, throttle: Throttle | None = None,
                      known_checksum: str | None = None) -> dict:
     """Write one shard's snapshot bytes (a safetensors file) and describe it for the manifest.
@@ -69,11 +81,16 @@ def write_shard_file(partial: str, tp_rank: int, payload, throttle: Throttle | N
             "checksum": known_checksum or checksum(payload)}
 
 
+def write_sidecar(partial: str, tp_rank: int, entry: dict) -> None:
+    """Say that shard `tp_rank` is complete: its manifest entry, for finalize_from_sidecars."""
+    write_file_atomic(os.path.join(partial, shard_sidecar_name(tp_rank)), json.dumps(entry).encode())
+
+
 def write_shard_with_sidecar(partial: str, tp_rank: int, payload, throttle: Throttle | None = None,
                              known_checksum: str | None = None) -> dict:
-    """write_shard_file, then its manifest entry in a sidecar for finalize_from_sidecars."""
+    """write_shard_file, then its sidecar."""
     entry = write_shard_file(partial, tp_rank, payload, throttle, known_checksum)
-    write_file_atomic(os.path.join(partial, shard_sidecar_name(tp_rank)), json.dumps(entry).encode())
+    write_sidecar(partial, tp_rank, entry)
     return entry
 
 

@@ -168,7 +168,7 @@ class SnapshotLayout:
         entries = {name: Entry(start + b, e - b, dtype, shape) for b, e, name, dtype, shape in items}
         return cls(bytes(mv[:start]), entries, metadata)
 
-    def write(self, tensors: Mapping[str, torch.Tensor], out, stream=None):
+    def write(self, tensors: Mapping[str, torch.Tensor], out, stream=None, midway=None):
         """Copy header and every tensor (any device) into `out`, a writable buffer of `nbytes`.
 
         The per-step hot path: every tensor copied straight into its view of `out`, no staging.
@@ -178,6 +178,9 @@ class SnapshotLayout:
         after the work already queued on the current stream, and a CUDA event is returned:
         `out` is complete once it has fired, and the caller must not modify the CUDA
         sources before then (make the current stream wait on it).
+
+        `midway()` (failure injection only, else None) is called with half of the tensors
+        copied and the rest not: the copy then runs synchronously, in two calls.
         """
         dst = as_byte_tensor(out, writable=True)
         if dst.numel() != self.nbytes:
@@ -197,6 +200,8 @@ class SnapshotLayout:
         # Host sources are copied by the CPU, synchronously, in the same call.
         non_blocking = torch.cuda.is_available() and dst.is_pinned()
         devices = {s.device for s in srcs if s.is_cuda}
+        if midway is not None:
+            return self._write_in_halves(dsts, srcs, devices, non_blocking, midway)
         if stream is None or not devices:
             torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
             for device in devices:
@@ -208,6 +213,18 @@ class SnapshotLayout:
         with torch.cuda.stream(stream):
             torch._foreach_copy_(dsts, srcs, non_blocking=non_blocking)
             return stream.record_event()
+
+    @staticmethod
+    def _write_in_halves(dsts, srcs, devices, non_blocking: bool, midway) -> None:
+        half = len(dsts) // 2
+        for part in ((dsts[:half], srcs[:half]), (dsts[half:], srcs[half:])):
+            torch._foreach_copy_(*part, non_blocking=non_blocking)
+            for device in devices:
+                torch.cuda.synchronize(device)
+            if midway is not None:
+                midway()
+                midway = None
+        return None
 
     def read(self, buf) -> dict[str, torch.Tensor]:
         """Zero-copy views of the tensors in `buf`, which must have been written with this layout."""

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from gemini_lm.checkpoint.files import Throttle, describe
 from gemini_lm.checkpoint.naming import shard_ids
-from gemini_lm.checkpoint.persistent import check_writable, discard_partial, latest_iteration
+from gemini_lm.checkpoint.persistent import check_writable, discard_partial, latest_iteration, remove_partial_dirs
 from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
@@ -108,6 +108,12 @@ class Checkpointer:
         topo = self.topology
         if self.ps.rank == 0 and topo.placement.notes:   # what the flags became here, e.g. a clamped m
             log.info("GEMINI placement: " + "; ".join(topo.placement.notes))
+        if self.persister is not None and self.persister.finalizer:
+            # Before the restore's collectives: no rank of this run persists before they end,
+            # and every process of the crashed run is gone (torchrun stopped them all).
+            stale = remove_partial_dirs(self.cfg.checkpoint.save)
+            if stale:
+                log.warning(f"GEMINI: removed half-written checkpoint directories of a crashed run: {stale}")
         try:
             record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
                                    self.cfg.checkpoint.load, self.throttle)
@@ -186,8 +192,10 @@ class Checkpointer:
         wait_s += self._drain(replication=replicate)
         t1 = time.perf_counter()
         w = self.store.begin_write(self.ps.shard_id, self.layout.nbytes, self.layout.layout_hash)
+        hook = self._window_hook   # set only while a failure injection is armed
+        midway = None if hook is None else partial(hook, "copy", iteration)
         try:
-            copied = self.layout.write(self.state.tensors(), w.buffer, stream=self._d2h_stream)
+            copied = self.layout.write(self.state.tensors(), w.buffer, stream=self._d2h_stream, midway=midway)
         except BaseException:
             self.store.abort(w)
             raise
@@ -204,9 +212,11 @@ class Checkpointer:
                        "gemini_snapshot_bytes": self.layout.nbytes}
 
     def set_window_hook(self, hook: WindowHook | None) -> None:
-        """`hook(window, iteration)` runs inside each checkpoint window — "snapshot" (payload
-        written, not committed), "replication" (sender: header sent, payload not; receiver:
-        payload in, not committed), "persist" (about to write) — for failure injection."""
+        """`hook(window, iteration)` runs inside each checkpoint window — "copy" (half the
+        state copied into the slot), "snapshot" (payload written, not committed), "send"
+        (header sent to a peer, payload not), "receive" (a replica's payload in, not
+        committed), "persist" (a shard's file in iter_N.partial/, not finalized) — for
+        failure injection (resilience/breakpoints.py). None (the default) costs a None check."""
         self._window_hook = hook
 
     def _in_window(self, window: str, iteration: int | None) -> None:

@@ -6,7 +6,7 @@ safetensors file — into `<save>/iter_XXXXXXX.partial/`, and drops a small side
 the file's size and checksum. The finalizer (global rank 0) waits until every
 tensor-parallel shard's sidecar is there, then writes the manifest, renames the
 directory into place and moves the tracker last (checkpoint/persistent.py:
-write_shard_with_sidecar, finalize_from_sidecars), so a crash at any point leaves the
+write_shard_file, write_sidecar, finalize_from_sidecars), so a crash at any point leaves the
 previous checkpoint intact. `--save` must be a filesystem every writer sees (as in
 Megatron). Shard writes go through `throttle` (--persistent-bandwidth-mbs).
 
@@ -25,8 +25,8 @@ import threading
 import time
 
 from gemini_lm.checkpoint.files import Throttle, describe
-from gemini_lm.checkpoint.persistent import (discard_partial, finalize_from_sidecars, partial_dir,
-                                             write_shard_with_sidecar)
+from gemini_lm.checkpoint.persistent import (discard_partial, finalize_from_sidecars, partial_dir, write_shard_file,
+                                             write_sidecar)
 from gemini_lm.log import get_logger
 
 log = get_logger(__name__)
@@ -37,7 +37,8 @@ class Persister:
                  keep: int | None, manifest: dict, finalize_timeout_s: float = 600.0, window_hook=None,
                  throttle: Throttle | None = None):
         """`manifest`: what the finalizer's manifest.json records beside the shards (TrainState.manifest).
-        `window_hook(window, iteration)` runs inside the persist window (failure injection)."""
+        `window_hook(window, iteration)` runs inside the persist window, once this shard's
+        file is in the `.partial` directory (failure injection)."""
         self.store, self.save_dir, self.tp_rank, self.tp_size = store, save_dir, tp_rank, tp_size
         self.throttle = throttle
         self.finalizer, self.keep, self.manifest = finalizer, keep, manifest
@@ -68,8 +69,6 @@ class Persister:
                 if rec is None:
                     return
                 t0 = time.perf_counter()
-                if self.window_hook is not None:
-                    self.window_hook("persist", rec.iteration)
                 self.persist(rec)
                 self.last_persist_s = time.perf_counter() - t0
                 self.last_iteration = rec.iteration
@@ -91,7 +90,10 @@ class Persister:
         or on the SIGTERM flush (Checkpointer.flush) with its own deadline."""
         partial = partial_dir(self.save_dir, rec.iteration)
         with self.store.open(rec, verify=False) as view:   # checksum was checked when written
-            write_shard_with_sidecar(partial, self.tp_rank, view.buffer, self.throttle, known_checksum=rec.checksum)
+            entry = write_shard_file(partial, self.tp_rank, view.buffer, self.throttle, known_checksum=rec.checksum)
+        if self.window_hook is not None:   # the shard is in the .partial directory, nothing says it is complete
+            self.window_hook("persist", rec.iteration)
+        write_sidecar(partial, self.tp_rank, entry)
         if self.finalizer:
             finalize_from_sidecars(self.save_dir, rec.iteration, self.tp_size, self.manifest, self.keep,
                                    finalize_timeout_s or self.finalize_timeout_s)

@@ -68,7 +68,7 @@ class Replicator:
                  transports: Callable | None = None, window_hook: Callable | None = None):
         """`transports()` makes a payload transport (one per thread: a staged one owns
         its buffer); default: DirectTransport on `group`. `window_hook(window, iteration)`
-        runs inside the replication window (failure injection)."""
+        runs inside the replication windows, "send" and "receive" (failure injection)."""
         self.rank, self.group, self.store = rank, group, store
         make = transports or (lambda: DirectTransport(group))
         self.machine_id, self.chunk_bytes = machine_id, chunk_bytes
@@ -149,7 +149,7 @@ class Replicator:
                   group=self.group, tag=DATA_TAG)
         header_s = time.perf_counter() - t0
         if self.window_hook is not None:
-            self.window_hook("replication", rec.iteration)
+            self.window_hook("send", rec.iteration)
         timings = self._send_transport.send(data, chunks, route.dst_rank, self._gate, DATA_TAG)
         self.bytes_sent += sum(n for _, n, _ in chunks)
         # The receiver acknowledges its commit: "sent" then means "complete on the peer".
@@ -182,7 +182,7 @@ class Replicator:
                     self.store.abort(w)
                     raise
                 if self.window_hook is not None:
-                    self.window_hook("replication", h["iteration"])
+                    self.window_hook("receive", h["iteration"])
                 self.store.commit(w, h["iteration"], checksum=h["checksum"], source=h["machine"])
                 self.received[route.shard] = h["iteration"]
                 dist.send(torch.tensor([h["iteration"]], dtype=torch.int64), route.src_rank, group=self.group,

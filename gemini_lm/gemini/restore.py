@@ -11,7 +11,8 @@ recovery_plan.py decides (a pure function); this module carries the decision out
 
 If memory cannot give every shard, every rank loads the newest persistent checkpoint;
 if there is none either, training starts fresh (source "none"): the caller says whether
-that is a first start or a restart that lost everything.
+that is a first start or a restart that lost everything (the record counts the corrupt
+copies skipped: memory that held only those was not a first start).
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ from gemini_lm.parallel.comm import peer_failures
 log = get_logger(__name__)
 
 
-def _verified_inventory(store) -> list[dict]:
-    good = []
+def _verified_inventory(store) -> tuple[list[dict], int]:
+    """(the records whose bytes match their checksums, how many did not)."""
+    good, corrupt = [], 0
     for rec in store.records():
         try:
             with store.open(rec, verify=True):
@@ -42,9 +44,10 @@ def _verified_inventory(store) -> list[dict]:
             good.append(rec.to_dict())
         except CorruptSnapshotError as exc:
             log.warning(f"GEMINI: skipping corrupt copy: {exc}")
+            corrupt += 1
         except StaleRecordError:
             pass
-    return good
+    return good, corrupt
 
 
 def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir: str | None,
@@ -52,11 +55,11 @@ def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir:
     """Load the newest consistent state into `state`; the recovery record (see the module doc).
     `throttle`: paces the persistent fallback's read (modelled remote storage)."""
     t0 = time.time()
-    inventory = _verified_inventory(store) if topo.is_leader else None
+    inventory, corrupt = _verified_inventory(store) if topo.is_leader else (None, 0)
     gathered: list = [None] * ps.world_size
     with peer_failures("recovery inventory"):
-        dist.all_gather_object(gathered, (topo.machine, inventory))
-    inventories = {m: inv for m, inv in gathered if inv is not None}
+        dist.all_gather_object(gathered, (topo.machine, inventory, corrupt))
+    inventories = {m: inv for m, inv, _ in gathered if inv is not None}
     plan = plan_recovery(list(topo.infos), inventories, job_id)
     t_agreed = time.time()
     persistent_it = latest_iteration(load_dir)
@@ -90,7 +93,8 @@ def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir:
             "bytes_moved": int(totals), "peer_ranks": sorted(r for r, s in plan.source.items() if s == "peer"),
             "agree_s": t_agreed - t0, "retrieve_s": t_retrieved - t_agreed,
             "load_s": t_loaded - t_retrieved, "total_s": t_loaded - t0,
-            "started_at": t0, "machine_count": len(inventories)}
+            "started_at": t0, "machine_count": len(inventories),
+            "corrupt_copies": sum(c for _, _, c in gathered)}
 
 
 def _retrieve(topo: GeminiTopology, store, plan):

@@ -9,9 +9,12 @@ Kinds and targets:
 A machine slot keeps its number when a replacement takes it over. Options:
     @iteration=N            wait until an iteration >= N is logged after the injection is armed
                             (metrics.jsonl; use --log-interval 1 for precision)
-    @during=snapshot|replication|persist
-                            pause the target inside that window first (resilience/breakpoints.py);
-                            for machine:N the machine's lowest-rank worker is paused
+    @during=copy|snapshot|send|receive|persist
+                            pause the target inside that window first (resilience/breakpoints.py),
+                            with @iteration=N at the first checkpoint of an iteration >= N: the
+                            target is armed as soon as it trains (an iteration is logged) and
+                            stops there itself. For machine:N the machine's lowest-rank worker
+                            is paused
 
 Every delivered injection is appended to <log-dir>/injections.jsonl with its time.
 """
@@ -25,6 +28,7 @@ import signal
 import stat
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from gemini_lm.errors import UsageError
 from gemini_lm.resilience import procs
@@ -180,11 +184,13 @@ def wipe_machine_store(store_root: str, machine_id: str, cluster_id: str) -> Non
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _pause_in_window(log_dir: str, pid: int, window: str, timeout_s: float) -> dict:
+def pause_in_window(log_dir: str, pid: int, window: str, from_iteration: int | None, timeout_s: float) -> dict:
+    """Arm worker `pid` to stop in `window` at an iteration >= `from_iteration`; wait until it
+    has (it is then SIGSTOPped); what it recorded there (time, window, iteration, thread)."""
     arm = arm_path(log_dir, pid)
     os.makedirs(os.path.dirname(arm), exist_ok=True)
     with open(arm + ".tmp", "w") as f:
-        json.dump({"during": window}, f)
+        json.dump({"during": window, "iteration": from_iteration}, f)
     os.replace(arm + ".tmp", arm)
     os.kill(pid, signal.SIGUSR1)
     hit = hit_path(log_dir, pid)
@@ -193,6 +199,11 @@ def _pause_in_window(log_dir: str, pid: int, window: str, timeout_s: float) -> d
         if time.monotonic() > deadline or not procs.is_alive(pid):
             raise TimeoutError(f"worker {pid} did not reach the {window} window within {timeout_s:.0f}s")
         time.sleep(0.005)
+    # The hit is written just before the worker stops itself: wait until all its threads have.
+    while not procs.is_stopped(pid):
+        if time.monotonic() > deadline or not procs.is_alive(pid):
+            raise TimeoutError(f"worker {pid} did not stop in the {window} window within {timeout_s:.0f}s")
+        time.sleep(0.005)
     with open(hit) as f:
         info = json.load(f)
     os.remove(hit)
@@ -200,11 +211,18 @@ def _pause_in_window(log_dir: str, pid: int, window: str, timeout_s: float) -> d
 
 
 def inject(log_dir: str, inj: Injection, *, offset: int | None = None, timeout_s: float = 600.0,
-           source: str = "inject_failure") -> dict:
-    """Wait for the trigger, deliver the failure, record it; returns the injections.jsonl event."""
-    if inj.at_iteration is not None:
-        wait_for_iteration(log_dir, inj.at_iteration, metrics_size(log_dir) if offset is None else offset,
-                           timeout_s)
+           source: str = "inject_failure", on_paused: Callable[[dict], None] | None = None) -> dict:
+    """Wait for the trigger, deliver the failure, record it; returns the injections.jsonl event.
+
+    `offset`: metrics.jsonl bytes already there (only iterations logged after count).
+    `on_paused(event)`: with `during`, called while the target is stopped inside the
+    window, before the failure is delivered (to look at the stores at that moment).
+    """
+    offset = metrics_size(log_dir) if offset is None else offset
+    if inj.during is not None:
+        wait_for_iteration(log_dir, 0, offset, timeout_s)   # training runs: its signal handling is set up
+    elif inj.at_iteration is not None:
+        wait_for_iteration(log_dir, inj.at_iteration, offset, timeout_s)
     cluster = read_cluster(log_dir)
     event: dict = {**asdict(inj), "source": source}
     if inj.kind == "machine":
@@ -215,10 +233,12 @@ def inject(log_dir: str, inj: Injection, *, offset: int | None = None, timeout_s
         victim = _worker_pid(cluster, inj.target)
         machine = None
     if inj.during is not None and victim is not None:
-        event["window"] = _pause_in_window(log_dir, victim["pid"], inj.during, timeout_s=60.0)
+        event["window"] = pause_in_window(log_dir, victim["pid"], inj.during, inj.at_iteration, timeout_s)
     if victim is not None:
         event["victim_rank"], event["victim_pid"] = victim["rank"], victim["pid"]
-    event["time"] = time.time()   # delivered now: a peer may detect it within a millisecond
+    if on_paused is not None and "window" in event:
+        on_paused(dict(event, machine=machine["id"] if machine else victim["machine"]))
+    event["time"] = time.time()   # when the failure is delivered: before anyone can detect it
     if inj.kind == "machine":
         event["machine"] = machine["id"]
         event["killed_pids"] = kill_machine(cluster, machine)

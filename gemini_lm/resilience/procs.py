@@ -38,6 +38,19 @@ def is_alive(pid: int) -> bool:
         return False
 
 
+def is_stopped(pid: int) -> bool:
+    """Every thread of the process is stopped (SIGSTOP: state T)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    except OSError:
+        return False
+    return bool(states) and all(s in ("T", "t") for s in states)
+
+
 def cluster_processes(cluster_id: str) -> dict[int, dict[str, str]]:
     """pid -> environment of every live process marked with this cluster id."""
     out = {}

@@ -78,15 +78,18 @@ class RecoveryReporter:
 
     def restored(self, record: dict | None) -> None:
         """The restore's record (None: this checkpointer reports none). A fresh first start
-        is not a recovery; a restart that found nothing anywhere is, and says so loudly."""
+        is not a recovery; a restart that found nothing usable anywhere (nothing at all, or
+        only corrupt copies in memory) is, and says so loudly."""
         if record is None:
             return
         if record["source"] == "none":
-            if not is_restart(self.metrics_path):
+            corrupt = record.get("corrupt_copies") or 0
+            if not corrupt and not is_restart(self.metrics_path):
                 log.info("GEMINI: no checkpoint in memory or on disk: starting fresh")
                 return
             if self.enabled:
-                log.warning("GEMINI found no checkpoint in memory and none on disk: "
+                found = f"only {corrupt} corrupt copies" if corrupt else "no checkpoint"
+                log.warning(f"GEMINI found {found} in memory and none on disk: "
                             "STARTING FRESH FROM ITERATION 0")
         else:
             log.info(f"recovery: iteration {record['iteration']} from {record['source']} "

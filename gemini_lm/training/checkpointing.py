@@ -238,10 +238,11 @@ class PersistentCheckpointer:
         if done == iteration:
             return None
         err = self.saver.error if self.saver is not None else self.error
+        why = f" ({describe(err)})" if err is not None else ""
+        newest = f"iteration {done}" if done is not None else "none"
         return (f"training finished, but its final state (iteration {iteration}) could not be written to "
-                f"--save {c.save}" + (f" ({describe(err)})" if err is not None else "") + "; without GEMINI "
-                f"there is no other copy: the newest checkpoint there is "
-                + (f"iteration {done}" if done is not None else "none"))
+                f"--save {c.save}{why}; without GEMINI there is no other copy: the newest checkpoint there is "
+                f"{newest}")
 
 
 def _tracked(save_dir: str) -> int | None:

@@ -55,24 +55,38 @@ def megatron_layout(lengths, documents, code, itemsize) -> bytes:
             + struct.pack(f"<{len(documents)}q", *documents))
 
 
-def test_megatron_layout_byte_for_byte(tmp_path):
-    # Three sentences in two documents, uint16 (code 8): [[1,2,3],[4,5]] and [[6]].
-    expected_idx = megatron_layout([3, 2, 1], [0, 2, 3], code=8, itemsize=2)
-    expected_bin = struct.pack("<6H", 1, 2, 3, 4, 5, 6)
+# Megatron-LM's DType codes (megatron/core/datasets/indexed_dataset.py) and the struct
+# format of one element, written out here rather than taken from our module.
+MEGATRON_DTYPES = [(np.uint8, 1, "B"), (np.int8, 2, "b"), (np.int16, 3, "h"), (np.int32, 4, "i"),
+                   (np.int64, 5, "q"), (np.float64, 6, "d"), (np.float32, 7, "f"), (np.uint16, 8, "H")]
+
+
+@pytest.mark.parametrize("dtype, code, fmt", MEGATRON_DTYPES, ids=lambda x: getattr(x, "__name__", None))
+def test_megatron_layout_byte_for_byte(tmp_path, dtype, code, fmt):
+    # Three sentences in two documents: [[1,2,3],[4,5]] and [[6]] (126 fits every dtype).
+    values = [1, 2, 3, 4, 126, 6]
+    itemsize = struct.calcsize("<" + fmt)
+    expected_idx = megatron_layout([3, 2, 1], [0, 2, 3], code=code, itemsize=itemsize)
+    expected_bin = struct.pack(f"<6{fmt}", *values)
+    sentences = [values[:3], values[3:5], values[5:]]
 
     hand = tmp_path / "hand"
     (tmp_path / "hand.idx").write_bytes(expected_idx)
     (tmp_path / "hand.bin").write_bytes(expected_bin)
     ds = IndexedDataset(str(hand))
-    assert ds.dtype == np.uint16
-    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 3], [4, 5], [6]]
+    assert ds.dtype == dtype
+    assert [ds[i].tolist() for i in range(len(ds))] == sentences
     assert ds.document_indices.tolist() == [0, 2, 3]
-    assert ds.sequence_pointers.tolist() == [0, 6, 10]
+    assert ds.sequence_pointers.tolist() == [0, 3 * itemsize, 5 * itemsize]
 
-    ours = build(str(tmp_path / "ours"), [[1, 2, 3], [4, 5], [6]], np.uint16, doc_ends=[1, 2])
+    ours = build(str(tmp_path / "ours"), [np.array(s, dtype=dtype) for s in sentences], dtype, doc_ends=[1, 2])
     assert (tmp_path / "ours.idx").read_bytes() == expected_idx
     assert (tmp_path / "ours.bin").read_bytes() == expected_bin
     assert IndexedDataset(ours).document_indices.tolist() == [0, 2, 3]
+
+
+def test_we_know_exactly_megatrons_dtypes():
+    assert {c: np.dtype(d) for c, d in DTYPE_CODES.items()} == {c: np.dtype(d) for d, c, _ in MEGATRON_DTYPES}
 
 
 def test_empty_dataset(tmp_path):

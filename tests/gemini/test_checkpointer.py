@@ -1,6 +1,8 @@
 """GEMINI end to end on real gloo ranks simulating machines: snapshot every iteration,
 replicas on peers by placement, and recovery (local, peer, newest common iteration,
-corrupt copy, persistent fallback, renumbered ranks) continuing bit for bit."""
+a corrupt own copy or replica, no good copy left: persistent fallback or a loud fresh
+start, renumbered ranks) continuing bit for bit, dropout on, losses and the whole final
+state. A corrupt copy is never loaded."""
 import shutil
 
 import pytest
@@ -137,17 +139,37 @@ def test_lost_machine_memory_comes_from_its_peer(byte_corpus, two_machines, tmp_
     assert rec["bytes_moved"] > 0
 
 
+def _flip_last_byte(t, machine, shard, iterations=None) -> int:
+    """Damage `machine`'s copies of `shard` (those of `iterations`, default all) in place,
+    behind the store's back, as a bad DIMM would; how many were damaged."""
+    store = _store(t, machine)
+    damaged = 0
+    for rec in store.records(shard):
+        if iterations is None or rec.iteration in iterations:
+            with open(store.payload_path(rec), "r+b") as f:
+                f.seek(rec.nbytes - 1)
+                b = f.read(1)
+                f.seek(rec.nbytes - 1)
+                f.write(bytes([b[0] ^ 0xFF]))
+            damaged += 1
+    return damaged
+
+
 def test_a_corrupt_local_copy_is_skipped_for_the_peer_replica(byte_corpus, two_machines, tmp_path):
-    def flip_a_byte_of_m0s_newest_own_copy(t):
-        store = _store(t, "m0")
-        newest = max(store.records("tp00"), key=lambda r: r.iteration)
-        with open(store.payload_path(newest), "r+b") as f:
-            f.seek(newest.nbytes - 1)
-            b = f.read(1)
-            f.seek(newest.nbytes - 1)
-            f.write(bytes([b[0] ^ 0xFF]))
-    rec = _scenario(byte_corpus, two_machines, tmp_path, flip_a_byte_of_m0s_newest_own_copy)
-    assert (rec["source"], rec["iteration"]) == ("peer", BASE_ITERS)
+    rec = _scenario(byte_corpus, two_machines, tmp_path,
+                    lambda t: _flip_last_byte(t, "m0", "tp00", {BASE_ITERS}))
+    assert (rec["source"], rec["iteration"], rec["corrupt_copies"]) == ("peer", BASE_ITERS, 1)
+
+
+def test_a_corrupt_replica_on_the_peer_is_never_loaded(byte_corpus, two_machines, tmp_path):
+    # m0's memory is lost, so tp00 exists only as m1's replicas, and the newest is damaged:
+    # the one before it is the newest complete copy of tp00.
+    def lose_m0_and_damage_m1s_newest_replica(t):
+        shutil.rmtree(t / "shm" / JOB / "m0")
+        assert _flip_last_byte(t, "m1", "tp00", {BASE_ITERS}) == 1
+    rec = _scenario(byte_corpus, two_machines, tmp_path, lose_m0_and_damage_m1s_newest_replica)
+    assert (rec["source"], rec["iteration"], rec["peer_ranks"]) == ("peer", BASE_ITERS - 1, [0])
+    assert rec["corrupt_copies"] == 1
 
 
 def test_the_newest_iteration_complete_for_every_shard_wins(byte_corpus, two_machines, tmp_path):
@@ -167,6 +189,25 @@ def test_renumbered_ranks_find_their_shards_by_machine(byte_corpus, two_machines
     assert (rec["source"], rec["iteration"], rec["bytes_moved"]) == ("local", BASE_ITERS, 0)
 
 
-def test_every_copy_gone_falls_back_to_the_persistent_checkpoint(byte_corpus, two_machines, tmp_path):
-    rec = _scenario(byte_corpus, two_machines, tmp_path, lambda t: shutil.rmtree(t / "shm" / JOB), disk=True)
-    assert (rec["source"], rec["iteration"]) == ("persistent", BASE_ITERS)
+def test_no_good_copy_left_falls_back_to_the_persistent_checkpoint(byte_corpus, two_machines, tmp_path):
+    # m0's memory is lost and every replica of tp00 on m1 is damaged: no iteration is
+    # complete in memory, --save (the default --load) has the base run's final checkpoint.
+    def lose_m0_and_damage_every_tp00_replica(t):
+        shutil.rmtree(t / "shm" / JOB / "m0")
+        assert _flip_last_byte(t, "m1", "tp00") == 2
+    rec = _scenario(byte_corpus, two_machines, tmp_path, lose_m0_and_damage_every_tp00_replica, disk=True)
+    assert (rec["source"], rec["iteration"], rec["memory_iteration"]) == ("persistent", BASE_ITERS, None)
+    assert rec["corrupt_copies"] == 2
+
+
+def test_only_corrupt_copies_and_no_checkpoint_start_fresh_loudly(byte_corpus, two_machines, tmp_path, capfd):
+    # Every copy of tp00, own and replica, is damaged and there is no persistent checkpoint:
+    # training starts again from iteration 0, says so, and records it as a recovery (this
+    # log dir is new: only the memory tells that the job ran before).
+    def damage_every_copy_of_tp00(t):
+        assert sum(_flip_last_byte(t, m, "tp00") for m in MACHINES) == 4
+    rec = _scenario(byte_corpus, two_machines, tmp_path, damage_every_copy_of_tp00)
+    assert (rec["source"], rec["iteration"], rec["corrupt_copies"]) == ("none", 0, 4)
+    err = capfd.readouterr().err
+    assert "found only 4 corrupt copies in memory and none on disk: STARTING FRESH FROM ITERATION 0" in err
+    assert err.count("skipping corrupt copy") == 4

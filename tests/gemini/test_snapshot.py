@@ -56,6 +56,25 @@ def test_round_trip_every_dtype():
     assert read_metadata(buf) == META
 
 
+def test_a_write_interrupted_midway_is_torn_then_completes():
+    """The failure-injection `copy` window: when `midway` runs, part of the new state is in
+    the buffer and part is still the old one; afterwards all of it is the new one."""
+    old, new = _state(0), _state(1)
+    layout, buf = _written(old)
+    seen = {}
+
+    def midway():
+        now = layout.read(bytes(buf))
+        seen["new"] = {k for k in new if new[k].numel() and torch.equal(now[k], new[k])}
+        seen["old"] = {k for k in old if old[k].numel() and torch.equal(now[k], old[k])}
+
+    assert layout.write(new, buf, midway=midway) is None
+    nonempty = {k for k in new if new[k].numel()}
+    assert seen["new"] - seen["old"] and seen["old"] - seen["new"], seen   # torn: some of each
+    assert seen["new"] | seen["old"] == nonempty, seen
+    _assert_same(read_tensors(buf), new)
+
+
 def test_layout_is_aligned_and_gap_free():
     layout, buf = _written(_state())
     n = struct.unpack("<Q", bytes(buf[:8]))[0]

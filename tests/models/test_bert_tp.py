@@ -1,5 +1,6 @@
 """BERT end to end through pretrain(): a sentence-split byte corpus, the dataset's
-determinism, and TP=2 == TP=1 (same seed, same padded vocabulary, no dropout)."""
+determinism, and TP=2 == TP=1 (same seed, same padded vocabulary, no dropout), loss by loss
+and in the whole final state: weights and Adam's moments."""
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from gemini_lm.data.indexed_dataset import IndexedDataset
 from gemini_lm.data.preprocess import preprocess_jsonl
 from gemini_lm.data.tokenizer import ByteLevelTokenizer
 from gemini_lm.errors import UsageError
-from tests.e2e import read_losses, tiny_gpt_args
+from tests.e2e import assert_same_state, read_losses, read_metrics, tiny_gpt_args, unsharded_state
 
 
 def build_bert_byte_corpus(byte_corpus: str) -> str:
@@ -73,10 +74,19 @@ def test_dataset_samples_are_deterministic_and_well_formed(bert_corpus):
 
 @pytest.mark.slow
 def test_tp2_equals_tp1(bert_corpus, tmp_path):
+    iters = 16   # 2 of warm-up, then enough Adam steps for the moments to steer the updates
+    flags = ("--train-iters", str(iters))
     # Same padded vocabulary (512) in both: padding is a multiple of divisible-by x TP.
-    ref = run_bert(tmp_path, bert_corpus, "tp1", 1, "--train-iters", "5", "--make-vocab-size-divisible-by", "256")
-    tp2 = run_bert(tmp_path, bert_corpus, "tp2", 2, "--train-iters", "5", "--tensor-model-parallel-size", "2")
-    assert [i for i, _ in ref] == [i for i, _ in tp2] == [1, 2, 3, 4, 5]
+    ref = run_bert(tmp_path, bert_corpus, "tp1", 1, *flags, "--make-vocab-size-divisible-by", "256",
+                   "--save", str(tmp_path / "ck1"))
+    tp2 = run_bert(tmp_path, bert_corpus, "tp2", 2, *flags, "--tensor-model-parallel-size", "2",
+                   "--save", str(tmp_path / "ck2"))
+    assert [i for i, _ in ref] == [i for i, _ in tp2] == list(range(1, iters + 1))
     for (i, x), (_, y) in zip(ref, tp2):
         assert abs(x - y) <= 1e-5, (i, x, y)
     assert ref[0][1] > 4.0   # ln(261) + ln(2): an untrained MLM + NSP loss, not a degenerate one
+    assert ref[-1][1] < ref[0][1] - 0.5   # and it trained: the updates were not negligible
+    # Gradient norms before clipping (which would hide a gradient off by a constant factor)
+    norms = [[r["grad_norm"] for r in read_metrics(str(tmp_path / n))] for n in ("tp1", "tp2")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    assert_same_state(unsharded_state(str(tmp_path / "ck1"), iters), unsharded_state(str(tmp_path / "ck2"), iters))

@@ -28,6 +28,10 @@ def _rank(rank: int, init_file: str, queue) -> None:
         queue.put(("no error", False, ""))
     except BaseException as exc:  # noqa: BLE001 - reported to the test
         queue.put((type(exc).__name__, is_peer_failure(exc), str(exc)[:200]))
+    # put() hands the message to a feeder thread: os._exit right after it could drop it (on a
+    # busy machine it did, and the test waited its full minute). Flush it first (tests/dist.py).
+    queue.close()
+    queue.join_thread()
     os._exit(0)
 
 

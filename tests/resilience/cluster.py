@@ -1,10 +1,13 @@
 """Helpers for end-to-end failure tests: run tools/local_cluster.py and check what it left."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+from typing import Callable
 
 from gemini_lm.resilience import procs
 from tests.e2e import ROOT, read_losses, read_recoveries, tiny_gpt_args
@@ -23,7 +26,10 @@ def train_args(corpus: str, log_dir: str, *extra: str) -> list[str]:
 
 def run_cluster(log_dir: str, corpus: str, *, machines: int = 2, procs_per_machine: int = 1,
                 injections: tuple[str, ...] = (), cluster_flags: tuple[str, ...] = (),
-                train_flags: tuple[str, ...] = (), timeout_s: float = 150.0) -> subprocess.CompletedProcess:
+                train_flags: tuple[str, ...] = (), timeout_s: float = 150.0,
+                drive: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """Run the cluster to the end. `drive()`, if given, runs in this process while the
+    cluster trains (a test injecting failures itself); if it raises, the cluster is stopped."""
     if "--save" not in train_flags:   # the final state is saved and compared with the reference's
         train_flags = ("--save", os.path.join(log_dir, "ckpt"), *train_flags)
     cmd = [sys.executable, os.path.join(ROOT, "tools", "local_cluster.py"),
@@ -32,14 +38,33 @@ def run_cluster(log_dir: str, corpus: str, *, machines: int = 2, procs_per_machi
            *cluster_flags, *[a for i in injections for a in ("--inject", i)],
            "--", "pretrain_gpt.py", *train_args(corpus, log_dir, "--distributed-timeout-seconds", "20",
                                                   *train_flags)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        if drive is not None:
+            drive()
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        proc.send_signal(signal.SIGINT)   # the cluster kills everything it started
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if out.returncode != 0:
-        logs = ""
-        cdir = os.path.join(log_dir, "cluster")
-        for name in sorted(os.listdir(cdir)) if os.path.isdir(cdir) else []:
-            logs += f"\n--- {name}\n" + open(os.path.join(cdir, name)).read()[-3000:]
-        raise AssertionError(f"cluster exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}{logs}")
+        raise AssertionError(f"cluster exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+                             f"{cluster_logs(log_dir, 3000)}")
     return out
+
+
+def cluster_logs(log_dir: str, tail: int | None = None) -> str:
+    """The agents' stderr, which their workers share: every worker's log lines."""
+    logs = ""
+    for path in sorted(glob.glob(os.path.join(log_dir, "cluster", "*.log"))):
+        text = open(path, errors="replace").read()
+        logs += f"\n--- {os.path.basename(path)}\n" + (text[-tail:] if tail else text)
+    return logs
 
 
 def cluster_state(log_dir: str) -> dict:
@@ -47,11 +72,49 @@ def cluster_state(log_dir: str) -> dict:
         return json.load(f)
 
 
-def assert_nothing_left(log_dir: str) -> None:
-    """No process of the cluster alive, its shared-memory store root gone."""
+def assert_nothing_left(log_dir: str, finished: bool = True, save_dirs: tuple[str, ...] = ()) -> None:
+    """No process of the cluster alive; after a finished run, nothing the workers should
+    have cleaned up: no snapshot left in shared memory (the cluster lists what was there
+    when the last worker had exited, before it removes the root), no half-written
+    checkpoint directory or temporary file under --save, no unconsumed injection file."""
     state = cluster_state(log_dir)
     assert procs.cluster_processes(state["cluster_id"]) == {}
-    assert not os.path.exists(state["store_root"])
+    if not finished:
+        return
+    assert state["state"] == "done", state["state"]
+    assert state["store_left"] == [], f"the workers left in their memory stores: {state['store_left'][:10]}"
+    for save in (os.path.join(log_dir, "ckpt"), *save_dirs):
+        left = [n for n in os.listdir(save) if n.endswith(".partial") or ".tmp" in n] if os.path.isdir(save) else []
+        assert left == [], f"half-written files under {save}: {left}"
+    inject_dir = os.path.join(log_dir, "inject")
+    assert not os.path.isdir(inject_dir) or os.listdir(inject_dir) == [], os.listdir(inject_dir)
+
+
+def assert_no_corrupt_copy_offered(log_dir: str) -> None:
+    """A crash at any point leaves every committed copy complete: recovery never had to
+    skip one as corrupt (restore.py logs each it skips)."""
+    logs = cluster_logs(log_dir)
+    assert "corrupt copy" not in logs, [line for line in logs.splitlines() if "corrupt copy" in line][:3]
+
+
+def store_of(log_dir: str, machine: str, shards: tuple[str, ...] | None = None) -> dict[str, list[int]]:
+    """shard -> committed iterations in `machine`'s memory store now, each checksum-verified
+    (a record whose payload is torn, or pinned by a writer, fails here). Only `shards` if
+    given: those no running process writes meanwhile."""
+    from gemini_lm.gemini.store import MemoryStore
+
+    state = cluster_state(log_dir)
+    path = os.path.join(state["store_root"], state["job_id"], machine)
+    assert os.path.isdir(path), f"{machine} has no memory store"
+    store = MemoryStore(state["store_root"], state["job_id"], machine)
+    out: dict[str, list[int]] = {}
+    for rec in store.records():
+        if shards is not None and rec.shard not in shards:
+            continue
+        with store.open(rec, verify=True):
+            out.setdefault(rec.shard, []).append(rec.iteration)
+    store.close()
+    return out
 
 
 def assert_same_losses(reference: dict[int, float], log_dir: str) -> list[tuple[int, float]]:

@@ -71,7 +71,9 @@ def test_peer_failures_are_told_from_bugs_by_type_alone():
 
 def test_inject_specs():
     assert Injection.parse("machine:1@iteration=30") == Injection("machine", 1, 30, None)
-    assert Injection.parse("worker:0@during=replication@iteration=5") == Injection("worker", 0, 5, "replication")
-    for bad in ("worker", "worker:x", "meteor:1", "hang:1@during=lunch", "sigterm:2@at=5"):
+    assert Injection.parse("worker:0@during=send@iteration=5") == Injection("worker", 0, 5, "send")
+    assert Injection.parse("machine:1@iteration=7@during=copy") == Injection("machine", 1, 7, "copy")
+    for bad in ("worker", "worker:x", "meteor:1", "hang:1@during=lunch", "sigterm:2@at=5",
+                "worker:0@during=replication"):
         with pytest.raises(UsageError):
             Injection.parse(bad)

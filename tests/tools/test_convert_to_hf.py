@@ -2,6 +2,8 @@
 and BERT; the import is a checkpoint pretraining continues from; exported tokenizers load
 with AutoTokenizer offline and give our ids. Models are built from local configs."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,10 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForPreTraining, GPT2LMHeadModel
 
 from gemini_lm.data.tokenizer import ByteLevelTokenizer, SentencePieceTokenizer, train_sentencepiece
-from gemini_lm.errors import UsageError
 from gemini_lm.inference.hf_tokenizer import save_hf_tokenizer
 import convert_to_hf
-from tests.e2e import run_pretrain, tiny_gpt_args
+from tests.e2e import ROOT, run_pretrain, tiny_gpt_args
 from tests.models import test_bert_hf, test_gpt_hf
 
 
@@ -91,13 +92,27 @@ def test_exported_tokenizers_load_offline_with_our_ids(tmp_path):
             assert hf.decode(ids) == text
 
 
-def test_bad_input_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="either"):
-        convert_to_hf.main(["--out", str(tmp_path)])
-    with pytest.raises(UsageError, match="no checkpoint"):
-        convert_to_hf.main(["--load", str(tmp_path), "--out", str(tmp_path / "o"),
-                            "--tokenizer-type", "ByteLevelTokenizer"])
-    (tmp_path / "pytorch_model.bin").write_bytes(b"pickled weights: never read")
-    test_gpt_hf.make_hf().config.save_pretrained(tmp_path)
-    with pytest.raises(UsageError, match="model.safetensors"):
-        convert_to_hf.main(["--from-hf", str(tmp_path), "--save", str(tmp_path / "ck")])
+def _cli(tmp_path, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_to_hf.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.slow   # runs the tool as a user would: the process's exit code and its one line
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"pickled weights: never read")
+    config = test_gpt_hf.make_hf().config
+    config.bos_token_id = config.eos_token_id = 0   # in the tiny vocabulary: transformers says nothing
+    config.save_pretrained(tmp_path / "hf")
+    for args, message in [
+        (["--out", str(tmp_path / "o")], "either"),
+        (["--load", str(tmp_path), "--out", str(tmp_path / "o"), "--tokenizer-type", "ByteLevelTokenizer"],
+         "no checkpoint"),
+        (["--from-hf", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")], "model.safetensors"),
+        (["--load"], "expected one argument"),
+    ]:
+        out = _cli(tmp_path, *args)
+        lines = out.stderr.splitlines()
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, out.stderr)
+        assert out.stdout == "" and not (tmp_path / "o").exists() and not (tmp_path / "ck").exists()

@@ -112,10 +112,17 @@ def test_kv_cache_matches_full_recompute_and_sampling_is_seeded():
 
 
 @pytest.mark.slow
-def test_bad_input_is_a_usage_error(trained):
+@pytest.mark.parametrize("extra, message", [
+    (["--greedy", "--top-k", "5"], "excludes"),
+    (["--max-new-tokens", "40"], "positions"),
+    (["--temperature", "hot"], "invalid float value"),
+])
+def test_bad_input_exits_2_with_one_line(trained, extra, message):
     ckpt, _ = trained
-    args = ["--load", ckpt, "--tokenizer-type", "ByteLevelTokenizer", "--prompt", "x"]
-    with pytest.raises(UsageError, match="excludes"):
-        generate_tool.main(args + ["--greedy", "--top-k", "5"])
-    with pytest.raises(UsageError, match="positions"):
-        generate_tool.main(args + ["--max-new-tokens", "40"])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", ckpt,
+                           "--tokenizer-type", "ByteLevelTokenizer", "--prompt", "x", *extra],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert proc.stdout == ""

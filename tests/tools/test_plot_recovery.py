@@ -16,11 +16,13 @@ TOOL = os.path.join(ROOT, "tools", "plot_recovery.py")
 
 @pytest.fixture(scope="module")
 def recorded_run(byte_corpus, tmp_path_factory) -> str:
-    """In-memory checkpoints every 4 iterations, a worker killed after iteration 6: 2 iterations redone."""
+    """In-memory checkpoints every 4 iterations; the worker is killed half-way through copying
+    the first snapshot from iteration 6 on (8, or 12 if it was armed late): the iterations
+    since the previous snapshot are trained again."""
     log_dir = str(tmp_path_factory.mktemp("run"))
     cmd = [sys.executable, os.path.join(ROOT, "tools", "local_cluster.py"), "--machines", "1",
-           "--inject", "worker:0@iteration=6", "--max-restarts", "2", "--timeout", "100",
-           "--", "pretrain_gpt.py", *tiny_gpt_args(byte_corpus, log_dir, "--train-iters", "10",
+           "--inject", "worker:0@iteration=6@during=copy", "--max-restarts", "2", "--timeout", "100",
+           "--", "pretrain_gpt.py", *tiny_gpt_args(byte_corpus, log_dir, "--train-iters", "14",
                                                    "--gemini-interval", "4", "--gemini-profile-iters", "2")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -32,11 +34,16 @@ def test_renders_a_recorded_run(recorded_run, tmp_path):
 
     run = load_run(recorded_run)
     (rec,) = read_recoveries(recorded_run)
-    assert rec["iteration"] == 4 and rec["iterations_lost"] >= 2
+    (injection,) = run["injections"]
+    k = injection["window"]["iteration"]   # the snapshot being copied: 8 (12 if armed late)
+    assert k in (8, 12)
+    # k's snapshot never committed and k itself was not logged: back to the one before it
+    assert rec["iteration"] == k - 4
+    assert rec["iteration_before_failure"] == k - 1 and rec["iterations_lost"] == k - 1 - rec["iteration"]
     first, again = split_repeated(run["metrics"])
-    assert [r["iteration"] for r in first] == list(range(1, 11))
+    assert [r["iteration"] for r in first] == list(range(1, 15))
     # the redone iterations are exactly those after the recovered checkpoint, up to where it had got
-    assert [r["iteration"] for r in again] == list(range(5, rec["iteration_before_failure"] + 1))
+    assert [r["iteration"] for r in again] == list(range(rec["iteration"] + 1, k))
     spans = phase_spans(rec)
     assert [s[0] for s in spans][-2:] == ["retrieval", "first iteration"]
     assert all(a < b for _, a, b, _ in spans) and all(x[2] <= y[1] for x, y in zip(spans, spans[1:]))
@@ -49,7 +56,39 @@ def test_renders_a_recorded_run(recorded_run, tmp_path):
     assert f"{len(again)} trained again" in out.stdout and "1 recoveries" in out.stdout
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert 10_000 < os.path.getsize(png) < 200_000
+    assert_drawn(png, run, rec, again)
+
+
+def _pixels(image, rgb, tol: float) -> int:
+    """How many pixels are within `tol` of the colour `rgb` (0..1 floats) in every channel."""
+    import numpy as np
+
+    return int((np.abs(image[..., :3] - np.asarray(rgb)).max(axis=-1) <= tol).sum())
+
+
+def assert_drawn(png: str, run: dict, rec: dict, again: list) -> None:
+    """What the picture must show, by the colours plot_recovery.py documents: the failure
+    (a red line), each recovery phase long enough to span pixels (a shade of its colour
+    over white) and the iterations trained again (purple circles). Counted above the
+    legend (the bottom tenth of the figure), whose samples show every colour regardless."""
+    import numpy as np
+    from matplotlib import colors
+    import matplotlib.image
+
+    from plot_recovery import phase_spans
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    plot = image[:int(image.shape[0] * 0.88)]
+    # Thin lines are anti-aliased: their pixels are near their colour, rarely on it.
+    assert _pixels(plot, colors.to_rgb("#d62728"), 0.2) >= 100, "no failure line"
+    times = [r["time"] for r in run["metrics"]] + [e["time"] for e in run["injections"] + run["failures"]]
+    wide = [(name, colour) for name, a, b, colour in phase_spans(rec) if b - a > 0.03 * (max(times) - min(times))]
+    assert wide, phase_spans(rec)
+    for name, colour in wide:   # alpha 0.25 over the white axes; 3% of the axes is thousands of pixels
+        assert _pixels(plot, 0.75 + 0.25 * np.asarray(colors.to_rgb(colour)), 0.02) >= 1000, name
+    markers = _pixels(plot, colors.to_rgb("#9467bd"), 0.2)
+    assert markers >= 50 if again else markers == 0, ("trained-again markers", markers)
 
 
 @pytest.mark.parametrize("case", ["missing", "no_metrics"])

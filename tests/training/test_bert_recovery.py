@@ -61,7 +61,10 @@ def test_bert_recovers_from_sigkill_bit_for_bit(byte_corpus, tmp_path):
     recovery = read_recoveries(run_dir)
     assert len(recovery) == 1 and recovery[0]["source"] == "local", recovery
     resumed = recovery[0]["iteration"]
-    assert killed_at - 1 <= resumed <= killed_at
+    # Iteration k is logged after its snapshot was copied and k-1's committed; k+1's snapshot
+    # commits on a background thread and can land before its log line (tests/resilience/cluster.py).
+    assert killed_at - 1 <= resumed <= killed_at + 1, (killed_at, resumed)
+    assert recovery[0]["last_logged_iteration"] == killed_at
     # Iterations up to the kill, then from the recovered one on: each loss exactly the reference's.
     assert {i for i, _ in records} == set(range(1, TRAIN_ITERS + 1))
     for i, loss in records:
