@@ -41,7 +41,8 @@ import time
 
 from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience import procs
-from gemini_lm.resilience.injection import Injection, inject, mark_store_root, metrics_size, wipe_machine_store
+from gemini_lm.resilience.injection import (STORE_MARK, Injection, inject, mark_store_root, metrics_size,
+                                            wipe_machine_store)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -313,8 +314,9 @@ class Cluster:
             procs.kill_all(self.cluster_id)
             time.sleep(0.05)
         # What the machines' workers left in memory (a clean finish frees it all), for the record.
-        self.store_left = sorted(os.path.relpath(os.path.join(d, n), self.store_root)
-                                 for d, dirs, files in os.walk(self.store_root) for n in dirs + files)
+        left = (os.path.relpath(os.path.join(d, n), self.store_root)
+                for d, dirs, files in os.walk(self.store_root) for n in dirs + files)
+        self.store_left = sorted(p for p in left if p != STORE_MARK)   # the cluster's own claim is not left
         shutil.rmtree(self.store_root, ignore_errors=True)
         for m in self.machines:
             if m["state"] == "running":
