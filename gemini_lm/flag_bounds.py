@@ -43,7 +43,7 @@ BOUNDS: dict[str, Range] = {
     # model
     "num_layers": AT_LEAST_1, "hidden_size": AT_LEAST_1, "num_attention_heads": AT_LEAST_1,
     "ffn_hidden_size": AT_LEAST_1, "seq_length": AT_LEAST_1, "max_position_embeddings": AT_LEAST_1,
-    "hidden_dropout": PROBABILITY, "attention_dropout": PROBABILITY, "init_method_std": NON_NEGATIVE,
+    "hidden_dropout": PROBABILITY, "attention_dropout": PROBABILITY, "init_method_std": POSITIVE,
     "make_vocab_size_divisible_by": AT_LEAST_1,
     # parallelism
     "tensor_model_parallel_size": AT_LEAST_1, "distributed_timeout_minutes": POSITIVE,

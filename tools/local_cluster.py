@@ -142,6 +142,8 @@ class Cluster:
                # pytorch#135712: sharing the rendezvous store with workers breaks gloo after restarts
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                "GEMINI_JOB_STORE": f"127.0.0.1:{self.port}",
+               # one host: gloo's pairs listen on loopback, not on whatever the hostname resolves to
+               "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         os.makedirs(os.path.join(self.log_dir, "cluster"), exist_ok=True)
         err = open(os.path.join(self.log_dir, "cluster", f"{mid}.log"), "ab")

@@ -71,4 +71,5 @@ def test_every_listening_socket_of_a_cluster_is_loopback(byte_corpus, tmp_path):
         if cluster.poll() is None:
             cluster.kill()
             cluster.wait()
-    assert_nothing_left(log_dir)
+    assert_nothing_left(log_dir, finished=False)   # interrupted: no process is left
+    assert not os.path.exists(cluster_state(log_dir)["store_root"])   # and its store root (marker too) is gone
