@@ -351,5 +351,5 @@ class Checkpointer:
         why = f" ({describe(err)})" if err is not None else " (another shard's write failed)"
         return (f"training finished, but its final state (iteration {iteration}) could not be written to "
                 f"--save {self.cfg.checkpoint.save}{why}; it is kept in memory at "
-                f"{os.path.dirname(self.store.path)}: make room and run the same command again "
-                f"(same --log-dir), which resumes from memory and writes it")
+                f"{os.path.dirname(self.store.path)}: make room and run the same command again with "
+                f"--gemini-job-id {self.job_id}, which resumes from memory and writes it")

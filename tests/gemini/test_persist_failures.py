@@ -115,6 +115,7 @@ def test_a_run_whose_final_persist_fails_keeps_its_state_and_says_where(byte_cor
     assert first.returncode == EXIT_UNSAVED, first.stderr[-2000:]
     errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "iteration 6" in errors[0] and str(shm) in errors[0], first.stderr[-2000:]
+    argv += ["--gemini-job-id", errors[0].split("--gemini-job-id ")[1].split(",")[0]]   # as the line says
     assert "Traceback" not in first.stderr
     assert os.listdir(save) == [] and os.listdir(shm)          # nothing half-written; the state kept
     assert max(r.get("gemini_persist_failures", 0) for r in read_metrics(str(log))) >= 1
@@ -176,3 +177,19 @@ def test_without_gemini_a_failed_save_is_retried_and_a_failed_final_save_is_not_
     assert len(errors) == 1 and "iteration 6" in errors[0] and "the newest checkpoint there is none" in errors[0]
     assert "Traceback" not in run.stderr and os.listdir(save) == []
     assert max(r.get("persist_failures", 0) for r in read_metrics(str(log))) >= 1
+
+
+@pytest.mark.slow
+def test_tp2_ranks_agree_that_the_final_state_is_unsaved(byte_corpus, tmp_path, tmpfs):
+    """Under torchrun with TP=2 each shard's writer fails on its own; every rank learns it (one
+    all-reduce at close), keeps the store, and exits 3; rank 0 alone prints the line."""
+    from tests.test_cli_errors import ENTRY, TINY
+
+    save, shm = tmpfs("64k"), tmp_path / "shm"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", ENTRY,
+            "--data-path", byte_corpus, *TINY, "--train-iters", "4", "--save-interval", "2",
+            "--tensor-model-parallel-size", "2", "--save", str(save), "--log-dir", str(tmp_path / "log"),
+            "--gemini-store-dir", str(shm)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "exitcode: 3" in run.stderr and run.stderr.count("\nerror: training finished") == 1, run.stderr[-3000:]
+    assert os.listdir(save) == [] and os.listdir(shm)
