@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +40,8 @@ import time
 
 from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience import procs
-from gemini_lm.resilience.injection import (STORE_MARK, Injection, inject, mark_store_root, metrics_size,
-                                            wipe_machine_store)
+from gemini_lm.resilience.injection import (STORE_MARK, Injection, check_store_root, claimed, inject,
+                                            mark_store_root, metrics_size, remove_store_root, wipe_machine_store)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,6 +101,7 @@ class Cluster:
         self.store_root = args.store_root or (f"/dev/shm/gemini_lm_cluster_{self.cluster_id}"
                                               if os.path.isdir("/dev/shm") else
                                               os.path.join(self.log_dir, "store"))
+        check_store_root(self.store_root)   # before anything starts: the end removes it
         if flag_value(train, "--gemini-store-dir") is None:
             train = train + ["--gemini-store-dir", self.store_root]
         self.train = [os.path.abspath(script)] + train[1:]
@@ -120,7 +120,7 @@ class Cluster:
         self.next_id = 0
         self.state = "starting"
         self.lock = threading.Lock()
-        self.store = None
+        self.store, self.port = None, None
         self.store_left: list[str] | None = None   # set at shutdown, before the store root goes
 
     # ---- machines ---------------------------------------------------------------------
@@ -316,10 +316,11 @@ class Cluster:
             procs.kill_all(self.cluster_id)
             time.sleep(0.05)
         # What the machines' workers left in memory (a clean finish frees it all), for the record.
-        left = (os.path.relpath(os.path.join(d, n), self.store_root)
-                for d, dirs, files in os.walk(self.store_root) for n in dirs + files)
-        self.store_left = sorted(p for p in left if p != STORE_MARK)   # the cluster's own claim is not left
-        shutil.rmtree(self.store_root, ignore_errors=True)
+        if claimed(self.store_root, self.cluster_id):   # never a directory this cluster did not make
+            left = (os.path.relpath(os.path.join(d, n), self.store_root)
+                    for d, dirs, files in os.walk(self.store_root) for n in dirs + files)
+            self.store_left = sorted(p for p in left if p != STORE_MARK)   # its own claim is not left
+            remove_store_root(self.store_root, self.cluster_id)
         for m in self.machines:
             if m["state"] == "running":
                 m["state"] = "stopped"

@@ -150,30 +150,48 @@ def kill_machine(cluster: dict, machine: dict) -> list[int]:
     return killed
 
 
-def mark_store_root(store_root: str, cluster_id: str) -> None:
-    """Claim a fresh store root for a cluster (owner-only), so tools delete only inside it.
-    An existing directory with anything in it is refused: the cluster removes its root at the end."""
+def check_store_root(store_root: str) -> None:
+    """A cluster's store root must be new or an empty directory: the cluster removes it when
+    it ends, and must never take a user's directory with it."""
     if os.path.islink(store_root) or os.path.lexists(store_root) and (not os.path.isdir(store_root)
                                                                      or os.listdir(store_root)):
         raise UsageError(f"--store-root {store_root}: exists and is not an empty directory "
                          f"(a cluster removes its store root when it ends)")
+
+
+def mark_store_root(store_root: str, cluster_id: str) -> None:
+    """Claim a fresh store root for a cluster (owner-only), so tools delete only inside it."""
+    check_store_root(store_root)
     os.makedirs(store_root, mode=0o700, exist_ok=True)
     os.chmod(store_root, 0o700)
     with open(os.path.join(store_root, STORE_MARK), "x") as f:
         f.write(cluster_id)
 
 
-def wipe_machine_store(store_root: str, machine_id: str, cluster_id: str) -> None:
-    """Its memory is gone, as on real hardware: <store_root>/<job>/<machine>/. Only inside a
-    root this cluster marked as its own, only plain names, never through a link."""
+def claimed(store_root: str, cluster_id: str) -> bool:
+    """Whether `store_root` is a directory of ours that this cluster claimed (mark_store_root)."""
     mark = os.path.join(store_root, STORE_MARK)
     try:
         st = os.lstat(store_root)
         with open(mark) as f:
-            owned = f.read() == cluster_id and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            return (f.read() == cluster_id and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                    and not os.path.islink(mark))
     except OSError:
-        owned = False
-    if not owned or os.path.islink(mark):
+        return False
+
+
+def remove_store_root(store_root: str, cluster_id: str) -> bool:
+    """The cluster's end: its whole root goes, but only if it is the one it claimed."""
+    if not claimed(store_root, cluster_id):
+        return False
+    shutil.rmtree(store_root, ignore_errors=True)
+    return True
+
+
+def wipe_machine_store(store_root: str, machine_id: str, cluster_id: str) -> None:
+    """Its memory is gone, as on real hardware: <store_root>/<job>/<machine>/. Only inside a
+    root this cluster marked as its own, only plain names, never through a link."""
+    if not claimed(store_root, cluster_id):
         raise UsageError(f"{store_root}: not the store root of cluster {cluster_id}: nothing deleted")
     if not _NAME.fullmatch(machine_id):
         raise UsageError(f"machine id {machine_id!r}: not a plain name: nothing deleted")

@@ -96,3 +96,16 @@ def test_wiping_stays_inside_the_cluster_root(tmp_path):
     assert not (root / "job" / "m0").exists() and (outside / "data").exists()
     with pytest.raises(UsageError, match="exists and is not an empty directory"):
         mark_store_root(str(tmp_path / "precious"), "c0ffee00")   # --store-root naming a full directory
+
+
+def test_local_cluster_never_takes_a_users_directory_as_its_store_root(tmp_path):
+    """The cluster removes its store root when it ends: a --store-root that already holds
+    something is one line and exit 2 before anything starts, and is left as it was."""
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "local_cluster.py"), "--machines", "1",
+                          "--store-root", str(precious), "--", "pretrain_gpt.py", "--log-dir", str(tmp_path / "log")],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    _assert_refused(out, f"--store-root {precious}: exists and is not an empty directory")
+    assert (precious / "thesis.tex").read_text() == "keep me"
