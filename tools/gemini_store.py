@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import re
 
-from gemini_lm.errors import UsageArgumentParser, UsageError, run_cli
+from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.gemini.store_admin import DEFAULT_ROOT, StoreInfo, describe_size, list_stores, remove
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
@@ -47,8 +47,10 @@ def _remove(stores: list[StoreInfo]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = UsageArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["list", "remove", "prune"])
+    p = UsageArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+                            formatter_class=HelpFormatter)
+    p.add_argument("command", choices=["list", "remove", "prune"],
+                   help="list the stores; remove one job's; prune old ones nobody holds")
     p.add_argument("job", nargs="?", help="remove: the job id (as `list` shows it)")
     p.add_argument("--machine", help="remove: only this machine's store of the job")
     p.add_argument("--older-than", help="prune: age, e.g. 90m, 2h, 1d")
