@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError
+from gemini_lm.flag_bounds import check_bounds
 from gemini_lm.models.config import MODEL_PRESETS, TransformerConfig
 
 
@@ -136,7 +137,7 @@ class GeminiConfig:
     gemini_keep_store: bool = _f(False, "keep the in-memory store after a clean finish")
     gemini_replicas: int = _f(2, "copies of each checkpoint (own machine + m-1 peers)")
     gemini_placement: str = _f("auto", "holder placement", choices=["auto", "group", "ring", "mixed"])
-    gemini_hang_timeout: float = _f(120.0, "seconds without progress before the watchdog ends the step")
+    gemini_hang_timeout: float = _f(120.0, "seconds without progress before the watchdog ends the step (0 = never)")
     gemini_inplace: bool = _f(True, "recover by restarting every process through torchrun (without this "
                                     "flag, survivors recover in place and a warm process replaces a dead one)")
     gemini_spares: int = _f(0, "machines of the launch that wait as warm spares for a lost machine "
@@ -172,6 +173,7 @@ class Config:
     logging: LoggingConfig
     gemini: GeminiConfig
     extra: dict = field(default_factory=dict)   # entry-point specific flags
+    notes: list = field(default_factory=list)   # values adapted rather than refused: echoed at start
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -285,68 +287,41 @@ def training_world_size(cfg: Config) -> int:
 
 def validate(cfg: Config, world_size: int) -> None:
     """Checks that need only the flags and the world size; model checks live with the model."""
+    check_bounds({name: getattr(cfg, name) for name in SECTIONS})   # every number in its range
     p, t = cfg.parallel, cfg.training
     tp = p.tensor_model_parallel_size
     if tp < 1 or world_size % tp:
         hint = f" (launch ranks with torchrun --nproc-per-node {tp})" if world_size == 1 and tp > 1 else ""
         raise UsageError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}{hint}")
     dp = world_size // tp
-    if t.micro_batch_size < 1:
-        raise UsageError("--micro-batch-size must be >= 1")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
-    if t.global_batch_size < 1:
-        raise UsageError("--global-batch-size must be >= 1")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise UsageError(f"--global-batch-size {t.global_batch_size} is not divisible by "
                          f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
-    if t.train_iters < 1:
-        raise UsageError("--train-iters must be >= 1")
     if t.bf16 and t.fp16:
         raise UsageError("--bf16 and --fp16 are mutually exclusive")
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.train_iters
     if t.lr_warmup_iters > t.lr_decay_iters:
+        cfg.notes.append(f"--lr-warmup-iters {t.lr_warmup_iters} > --lr-decay-iters {t.lr_decay_iters}: "
+                         f"warmup shortened to {t.lr_decay_iters}")
         t.lr_warmup_iters = t.lr_decay_iters
-    if p.distributed_timeout_seconds is not None and p.distributed_timeout_seconds <= 0:
-        raise UsageError("--distributed-timeout-seconds must be > 0")
     try:
         weights = [float(x) for x in cfg.data.split.replace("/", ",").split(",")]
     except ValueError:
         raise UsageError(f"--split {cfg.data.split!r}: expected comma-separated numbers like 969,30,1") from None
-    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+    if len(weights) > 3 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise UsageError(f"--split {cfg.data.split!r}: expected up to three non-negative weights")
     if weights[0] == 0:
         raise UsageError(f"--split {cfg.data.split!r} leaves nothing to train on (the first weight is 0)")
-    if t.eval_interval < 0 or t.eval_iters < 0:
-        raise UsageError("--eval-interval and --eval-iters must be >= 0")
     c = cfg.checkpoint
     if c.load is None:
         c.load = c.save
-    if c.save_interval is not None and c.save_interval < 1:
-        raise UsageError("--save-interval must be >= 1")
     if c.save_interval is not None and not c.save:
         raise UsageError("--save-interval needs --save")
-    if c.save_keep is not None and c.save_keep < 1:
-        raise UsageError("--save-keep must be >= 1")
     if c.async_save and not c.save:
         raise UsageError("--async-save needs --save")
-    bw = c.persistent_bandwidth_mbs
-    if bw is not None and not (math.isfinite(bw) and bw >= 0):
-        raise UsageError(f"--persistent-bandwidth-mbs {bw}: must be a number >= 0 (0 = unthrottled)")
-    g = cfg.gemini
-    if g.gemini_replication_interval < 0:
-        raise UsageError("--gemini-replication-interval must be >= 0 (0 = automatic)")
-    if g.gemini_interval < 1:
-        raise UsageError("--gemini-interval must be >= 1")
-    if g.gemini_replicas < 1:
-        raise UsageError("--gemini-replicas must be >= 1")
-    if not 0 < g.gemini_gap_safety <= 1:
-        raise UsageError("--gemini-gap-safety must be in (0, 1]")
-    if g.gemini_sub_buffers < 1 or g.gemini_buffer_mb <= 0:
-        raise UsageError("--gemini-buffer-mb must be > 0 and --gemini-sub-buffers >= 1")
-    if cfg.logging.log_interval < 1:
-        raise UsageError("--log-interval must be >= 1")
 
 
 def dp_size(cfg: Config, world_size: int) -> int:

@@ -1,18 +1,21 @@
 """Errors and exit codes the command-line front ends share.
 
-Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); EXIT_RESTART when a
+Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); EXIT_UNSAVED (3) when
+training finished but its final persist failed (one line: where the state is kept); EXIT_RESTART when a
 failure was detected and the worker wants its agent (torchrun) to restart it; EXIT_REFORK
 between a supervised training process and its supervisor only.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_UNSAVED = 3     # training finished but its final state could not be written to --save
 EXIT_RESTART = 75   # EX_TEMPFAIL: "failure detected, restart me"
 EXIT_REFORK = 76    # a supervised training process: "a peer failed before I could recover in place:
                     # re-fork me warm" (never seen by torchrun: the supervisor acts on it)
@@ -40,10 +43,18 @@ class ReplicationError(PeerFailure):
 
 
 class UsageArgumentParser(argparse.ArgumentParser):
-    """argparse prints usage + error and exits 2; under run_cli this prints one line and exits 2."""
+    """argparse prints usage + error and exits 2; under run_cli this prints one line and exits 2.
+    Every float flag of every tool refuses nan and inf: no flag means them, and nan passes
+    every range check (each comparison is False)."""
 
     def error(self, message):
         raise UsageError(message)
+
+    def _get_value(self, action, arg_string):
+        value = super()._get_value(action, arg_string)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentError(action, f"{arg_string!r} is not a finite number")
+        return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

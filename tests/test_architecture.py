@@ -15,14 +15,17 @@ PACKAGE = os.path.join(ROOT, "gemini_lm")
 ALLOWED = {
     "errors": set(),
     "log": set(),
+    "safefs": {"errors"},   # private directories and files opened without following links
     "checkpoint": {"errors"},
     "parallel": {"checkpoint", "errors"},
     "data": {"errors", "log"},
     "models": {"parallel", "errors"},
-    "gemini": {"checkpoint", "parallel", "errors", "log"},
-    "resilience": {"checkpoint", "errors", "log"},
-    "config": {"errors", "models"},   # models: the presets the size flags' help states
-    "training": {"checkpoint", "parallel", "models", "data", "gemini", "resilience", "errors", "log", "config"},
+    "gemini": {"checkpoint", "parallel", "errors", "log", "safefs"},
+    "resilience": {"checkpoint", "errors", "log", "safefs"},
+    "flag_bounds": {"errors"},   # the range of every numeric flag
+    "config": {"errors", "models", "flag_bounds"},   # models: the presets the size flags' help states
+    "training": {"checkpoint", "parallel", "models", "data", "gemini", "resilience", "errors", "log", "config",
+                 "safefs"},
     "inference": {"checkpoint", "models", "data", "parallel", "errors"},
     "eval": {"gemini", "errors"},
 }

@@ -7,6 +7,7 @@ its own ChildFailedError report (with the workers' exit codes), which we do not 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 from tests.dist import run_ranks
 from tests.e2e import ROOT
+from tests.tmpfs import tmpfs  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow   # spawns processes
 
@@ -65,6 +67,19 @@ def _corrupt_copy(src_prefix: str, dst_prefix: str, truncate: str | None = None,
     return dst_prefix
 
 
+def _encoded_elsewhere(prefix: str) -> None:
+    """A well-formed pair whose ids come from a bigger vocabulary than the byte tokenizer's."""
+    import numpy as np
+
+    from gemini_lm.data.indexed_dataset import IndexedDatasetBuilder
+
+    with IndexedDatasetBuilder(prefix + ".bin", np.uint16) as builder:
+        for i in range(64):
+            builder.add_item(np.arange(i * 40, i * 40 + 40) % 1000)
+            builder.end_document()
+        builder.finalize(prefix + ".idx")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--micro-batch-size", "3", "--global-batch-size", "4"], "--global-batch-size 4 is not divisible"),
     (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
@@ -83,12 +98,15 @@ def test_bad_flags(run, flags, message):
     ("no_idx", "indexed dataset file not found"),
     ("short_idx", "truncated or corrupt index"),
     ("short_bin", "the pair is truncated or mismatched"),
+    ("foreign_tokens", "token id 999 is outside the vocabulary of --tokenizer-type ByteLevelTokenizer"),
 ])
-def test_missing_or_truncated_data(run, byte_corpus, tmp_path, case, message):
+def test_missing_or_truncated_data(run, byte_corpus, tmp_path, case, message, monkeypatch):
     bad = str(tmp_path / "bad_text_document")
+    monkeypatch.setenv("GEMINI_LM_CACHE", str(tmp_path / "cache"))
     {"no_idx": lambda: _corrupt_copy(byte_corpus, bad, drop=".idx"),
      "short_idx": lambda: _corrupt_copy(byte_corpus, bad, truncate=".idx"),
-     "short_bin": lambda: _corrupt_copy(byte_corpus, bad, truncate=".bin")}[case]()
+     "short_bin": lambda: _corrupt_copy(byte_corpus, bad, truncate=".bin"),
+     "foreign_tokens": lambda: _encoded_elsewhere(bad)}[case]()
     save = tmp_path / "ckpt"
     result, outputs = run("--save", str(save), data_path=bad)
     assert_usage_error(result, {**outputs, "save": save}, message)
@@ -113,6 +131,36 @@ def test_damaged_checkpoint_under_load_leaves_no_store(run, tmp_path):
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "manifest" in lines[0]
     assert not outputs["shm"].exists() or not any(outputs["shm"].rglob("*")), "an empty GEMINI store was left"
+
+
+def test_a_checkpoint_whose_tensors_disagree_with_the_model(run, tmp_path):
+    """Issue 13, item 5: a shard whose checksum matches its manifest but whose safetensors header
+    holds another dtype or shape (rewritten by hand, another tool) is one line, not a run that
+    quietly restarts from a garbled counter."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from gemini_lm.checkpoint.checksum import checksum
+
+    save = tmp_path / "ckpt"
+    result, outputs = run("--save", str(save), "--no-gemini")
+    assert result.returncode == 0, result.stderr
+    shard, manifest = save / "iter_0000002" / "tp_rank_00.safetensors", save / "iter_0000002" / "manifest.json"
+    with safe_open(str(shard), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(shard))
+    tensors["train/iteration"] = torch.zeros(3, dtype=torch.float64)
+    save_file(tensors, str(shard), metadata=metadata)
+    entry = json.loads(manifest.read_text())
+    payload = shard.read_bytes()
+    entry["shards"]["tp00"].update(nbytes=len(payload), checksum=checksum(payload))
+    manifest.write_text(json.dumps(entry))
+    shutil.rmtree(outputs["log"])
+    result, outputs = run("--load", str(save))
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "does not fit this model: train/iteration: checkpoint has torch.float64 (3,)" in lines[0]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -194,3 +242,23 @@ def _agree_body(rank, world_size):
 def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
     # Otherwise the ranks that passed would wait for the failed one in the next collective.
     assert run_ranks(_agree_body, 2, tmp_path) == ["only rank 1 lacks its data"] * 2
+
+
+def test_a_store_too_small_for_two_slots(run, tmpfs):
+    """Issue 13, item 5: ENOSPC while the store makes its slots at start-up is the user's choice
+    of --gemini-store-dir: one line, exit 2, and no empty store left in it. (Found at restore,
+    as a damaged --load is: the log directory exists by then.)"""
+    small = tmpfs("64k")
+    result, outputs = run("--gemini-store-dir", str(small))
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --gemini-store-dir {small}: no room for two slots of"), lines[0]
+    assert os.listdir(small) == []
+
+
+def test_values_adapted_rather_than_refused_are_echoed(run):
+    """Issue 13, item 5: a clamped value is said once, by rank 0: m > machines, warmup > decay."""
+    result, _ = run("--gemini-replicas", "3")
+    assert result.returncode == 0, result.stderr
+    assert "GEMINI placement: replicas 3 > machines 1: clamped to 1" in result.stdout
+    assert "note: --lr-warmup-iters 30 > --lr-decay-iters 2: warmup shortened to 2" in result.stdout

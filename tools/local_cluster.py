@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +42,8 @@ from gemini_lm.config import default_log_dir
 from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience import procs
 from gemini_lm.resilience.events import INJECTIONS, read_jsonl
-from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store
+from gemini_lm.resilience.injection import (STORE_MARK, Injection, check_store_root, claimed, inject,
+                                            mark_store_root, metrics_size, remove_store_root, wipe_machine_store)
 from gemini_lm.resilience.recovery_report import summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,6 +108,7 @@ class Cluster:
         self.store_root = args.store_root or (f"/dev/shm/gemini_lm_cluster_{self.cluster_id}"
                                               if os.path.isdir("/dev/shm") else
                                               os.path.join(self.log_dir, "store"))
+        check_store_root(self.store_root)   # before anything starts: the end removes it
         if flag_value(train, "--gemini-store-dir") is None:
             train = train + ["--gemini-store-dir", self.store_root]
         self.train = [os.path.abspath(script)] + train[1:]
@@ -127,7 +128,7 @@ class Cluster:
         self.state = "starting"
         self.started_at = time.time()
         self.lock = threading.Lock()
-        self.store = None
+        self.store, self.port = None, None
         self.store_left: list[str] | None = None   # set at shutdown, before the store root goes
 
     # ---- machines ---------------------------------------------------------------------
@@ -149,6 +150,8 @@ class Cluster:
                # pytorch#135712: sharing the rendezvous store with workers breaks gloo after restarts
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                "GEMINI_JOB_STORE": f"127.0.0.1:{self.port}",
+               # one host: gloo's pairs listen on loopback, not on whatever the hostname resolves to
+               "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         os.makedirs(os.path.join(self.log_dir, "cluster"), exist_ok=True)
         err = open(os.path.join(self.log_dir, "cluster", f"{mid}.log"), "ab")
@@ -176,7 +179,7 @@ class Cluster:
                 m["state"] = "done"
             elif rc < 0:   # killed by a signal: the machine is lost
                 m["state"] = "dead"
-                wipe_machine_store(self.store_root, m["id"])
+                wipe_machine_store(self.store_root, m["id"], self.cluster_id)
                 self._replace(m, now)
             else:
                 m["state"] = "failed"
@@ -245,6 +248,7 @@ class Cluster:
             else:
                 m["workers"] = []
         state = {"cluster_id": self.cluster_id, "job_id": self.job_id, "pid": os.getpid(),
+                 "pid_start": procs.start_time(os.getpid()),   # with the pid: this process, not a reused pid
                  "state": self.state, "log_dir": self.log_dir, "store_root": self.store_root,
                  "rdzv_endpoint": f"127.0.0.1:{self.port}", "procs_per_machine": self.args.procs_per_machine,
                  "machines": self.machines, "replacements": self.replacements, "injections": self.injections,
@@ -269,13 +273,15 @@ class Cluster:
 
     # ---- run --------------------------------------------------------------------------
     def run(self) -> int:
-        import torch.distributed as dist
+        import datetime
+
+        from gemini_lm.resilience.listen import serve_store   # imports torch: not for --help
 
         os.makedirs(self.log_dir, exist_ok=True)
-        os.makedirs(self.store_root, exist_ok=True)
+        mark_store_root(self.store_root, self.cluster_id)   # owner-only, and ours to delete in
         # Agents join this store as clients (is_host=false): it outlives every machine.
-        self.store = dist.TCPStore("127.0.0.1", self.args.port, is_master=True, wait_for_workers=False,
-                                   timeout=__import__("datetime").timedelta(seconds=600))
+        # Bound to loopback: torch's own server would listen on every interface.
+        self.store = serve_store("127.0.0.1", self.args.port, timeout=datetime.timedelta(seconds=600))
         self.port = self.store.port
         for slot in range(self.args.machines + self.warm_spares):
             self.start_machine(slot)
@@ -338,9 +344,11 @@ class Cluster:
             procs.kill_all(self.cluster_id)
             time.sleep(0.05)
         # What the machines' workers left in memory (a clean finish frees it all), for the record.
-        self.store_left = sorted(os.path.relpath(os.path.join(d, n), self.store_root)
-                                 for d, dirs, files in os.walk(self.store_root) for n in dirs + files)
-        shutil.rmtree(self.store_root, ignore_errors=True)
+        if claimed(self.store_root, self.cluster_id):   # never a directory this cluster did not make
+            left = (os.path.relpath(os.path.join(d, n), self.store_root)
+                    for d, dirs, files in os.walk(self.store_root) for n in dirs + files)
+            self.store_left = sorted(p for p in left if p != STORE_MARK)   # its own claim is not left
+            remove_store_root(self.store_root, self.cluster_id)
         for m in self.machines:
             if m["state"] == "running":
                 m["state"] = "stopped"

@@ -47,6 +47,13 @@ class Throttle:
             time.sleep(delay)
 
 
+def describe(exc: BaseException) -> str:
+    """A write error in a few words for one line: 'No space left on device: <file>', not a repr."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _write_all(f, data: memoryview, throttle: Throttle | None) -> None:
     if throttle is None:
         f.write(data)

@@ -20,6 +20,7 @@ Every shard file is written and read through an optional `files.Throttle`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +50,12 @@ def partial_dir(save_dir: str, iteration: int) -> str:
     return os.path.join(save_dir, iter_dir_name(iteration) + PARTIAL_SUFFIX)
 
 
+def discard_partial(save_dir: str, iteration: int) -> None:
+    """A failed write leaves nothing behind: its (shared) `.partial` directory goes. A TP peer
+    still writing into it fails in turn, and the finalizer stops waiting for it."""
+    shutil.rmtree(partial_dir(save_dir, iteration), ignore_errors=True)
+
+
 def remove_partial_dirs(save_dir: str) -> list[str]:
     """Delete the `.partial` directories a crashed run left in `save_dir`; their names.
     Only when no writer of this job can be running (start-up): a stale shard or sidecar
@@ -65,7 +72,10 @@ def write_shard_file(partial: str, tp_rank: int, payload, throttle: Throttle | N
                      known_checksum: str | None = None) -> dict:
     """Write one shard's snapshot bytes (a safetensors file) and describe it for the manifest.
     `known_checksum`: the payload's checksum when the caller has it (a committed slot)."""
-    os.makedirs(partial, exist_ok=True)
+    # mkdir, not makedirs: a --save deleted under a running job is an error, not re-created
+    # (it may have been a mount point).
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(partial)
     write_file_atomic(os.path.join(partial, shard_file_name(tp_rank)), payload, throttle)
     return {"file": shard_file_name(tp_rank), "nbytes": len(payload),
             "checksum": known_checksum or checksum(payload)}
@@ -92,6 +102,8 @@ def finalize_from_sidecars(save_dir: str, iteration: int, tp_size: int, extra: d
     deadline = time.monotonic() + timeout_s
     sides = [os.path.join(partial, shard_sidecar_name(r)) for r in range(tp_size)]
     while not all(os.path.exists(p) for p in sides):
+        if not os.path.isdir(partial):   # another shard's writer failed and discarded it
+            raise FileNotFoundError(f"{partial}: removed by a failed shard write")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{partial}: shards missing after {timeout_s:.0f}s")
         time.sleep(0.05)
@@ -179,9 +191,16 @@ def read_shard(load_dir: str, iteration: int, tp_rank: int, tp_size: int,
     if len(payload) != nbytes or checksum(payload) != expected:
         raise UsageError(f"{path}: checksum mismatch, the checkpoint file is corrupt or truncated")
     try:
-        return tensors_from_bytes(payload), file_metadata(path)
+        tensors, metadata = tensors_from_bytes(payload), file_metadata(path)
     except Exception as exc:  # noqa: BLE001 - the library's own error types vary by version
         raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
+    # A shard's own header says which shard it is: a file copied or renamed from another
+    # shard matches its checksum in the manifest but must not be loaded here.
+    said = {k: metadata.get(k) for k in ("tp_rank", "tp_size")}
+    if any(v is not None and v != str(want) for v, want in zip(said.values(), (tp_rank, tp_size))):
+        raise UsageError(f"{path}: its header says tp_rank {said['tp_rank']} of {said['tp_size']}, "
+                         f"the manifest puts it at tp_rank {tp_rank} of {tp_size}")
+    return tensors, metadata
 
 
 def load_checkpoint(load_dir: str | None, state, tp_rank: int, tp_size: int,

@@ -41,5 +41,6 @@ class Checkpointer(Protocol):
         """This machine's in-memory snapshot directory and the bytes it holds now (None: no
         memory store), for the console: where it is, how big, how to free it."""
 
-    def close(self, iteration: int, clean: bool) -> None:
-        """Drain background work; a clean finish leaves the final state on disk."""
+    def close(self, iteration: int, clean: bool) -> str | None:
+        """Drain background work; a clean finish leaves the final state on disk. A message
+        when it could not (the state is then kept elsewhere: the run must not exit 0)."""

@@ -99,9 +99,38 @@ class IndexedDataset:
         if actual_bin != expected_bin:
             raise UsageError(f"{bin_path}: size {actual_bin} bytes does not match its index "
                              f"{idx_path} ({expected_bin} bytes); the pair is truncated or mismatched")
+        self._check_index(idx_path, actual_bin, itemsize)
         # np.memmap cannot map an empty file.
         self._bin = (np.memmap(bin_path, mode="r", dtype=np.uint8) if actual_bin
                      else np.zeros(0, np.uint8))
+
+    def _check_index(self, idx_path: str, bin_size: int, itemsize: int) -> None:
+        """Every sequence inside the .bin and every document inside the sequences: checked
+        once here (vectorized), so a bad pointer is one line now, not a ValueError at some batch."""
+        lengths, pointers = self.sequence_lengths.astype(np.int64), self.sequence_pointers
+        bad = np.flatnonzero((lengths < 0) | (pointers < 0) | (pointers + lengths * itemsize > bin_size))
+        if bad.size:
+            i = int(bad[0])
+            raise UsageError(f"{idx_path}: sequence {i} (pointer {int(pointers[i])}, {int(lengths[i])} tokens) "
+                             f"runs past the end of its .bin ({bin_size} bytes): the index is corrupt")
+        docs = self.document_indices
+        if len(docs) == 0 or docs[0] != 0 or docs[-1] != len(lengths) or np.any(np.diff(docs) < 0):
+            raise UsageError(f"{idx_path}: document indices are not an increasing cover of the "
+                             f"{len(lengths)} sequences: the index is corrupt")
+
+    def token_id_range(self) -> tuple[int, int]:
+        """(smallest, largest) token id in the .bin ((0, -1) if empty): a scan in chunks, cached
+        on disk with the dataset's indices (keyed by the files' size and mtime), so it runs once."""
+        from gemini_lm.data.index_cache import cache_key, cached
+
+        def scan():
+            tokens, step = np.frombuffer(self._bin, self.dtype), 1 << 26
+            chunks = [tokens[i:i + step] for i in range(0, len(tokens), step)]
+            lo = min((int(c.min()) for c in chunks), default=0)
+            hi = max((int(c.max()) for c in chunks), default=-1)
+            return (np.array([lo, hi], np.int64),)
+        (ids,) = cached(cache_key("token_id_range", self.path_prefix), ("ids",), scan)
+        return int(ids[0]), int(ids[1])
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -232,3 +261,12 @@ def encode_index(dtype: np.dtype | type, sequence_lengths: list[int],
         pointers.tobytes(order="C"),
         documents.tobytes(order="C"),
     ])
+
+
+def check_vocabulary(path: str, vocab_size: int, tokenizer_type: str) -> None:
+    """Data encoded with another tokenizer: a token id the model's embedding does not have is
+    one line at start-up, not an IndexError deep in the first forward pass."""
+    lo, hi = IndexedDataset(path).token_id_range()
+    if lo < 0 or hi >= vocab_size:
+        raise UsageError(f"{path}: token id {hi if hi >= vocab_size else lo} is outside the vocabulary of --tokenizer-type "
+                         f"{tokenizer_type} ({vocab_size} tokens): the data was encoded with another tokenizer")

@@ -25,6 +25,7 @@ training thread instead of from a slot, and a SIGTERM flush has nothing it could
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +34,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from gemini_lm.checkpoint.files import Throttle
+from gemini_lm.checkpoint.files import Throttle, describe
 from gemini_lm.checkpoint.naming import shard_id, shard_ids
-from gemini_lm.checkpoint.persistent import check_writable, latest_iteration, remove_partial_dirs
+from gemini_lm.checkpoint.persistent import check_writable, discard_partial, latest_iteration, remove_partial_dirs
 from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
@@ -44,6 +45,7 @@ from gemini_lm.gemini.persist import Persister
 from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.restore import restore_state
 from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.gemini.store_admin import describe_size, usage
 from gemini_lm.gemini.topology import GeminiTopology, machine_id
 from gemini_lm.gemini.transport import StagedTransport, connect_routes, route_groups
 from gemini_lm.log import get_logger
@@ -116,6 +118,8 @@ class Checkpointer:
     def restore(self) -> dict:
         """Load the newest state there is; the recovery record (source "none": nothing found)."""
         topo = self.topology
+        if self.ps.rank == 0 and topo.placement.notes:   # what the flags became here, e.g. a clamped m
+            log.info("GEMINI placement: " + "; ".join(topo.placement.notes))
         if self.persister is not None and self.persister.finalizer:
             # Before the restore's collectives: no rank of this run persists before they end,
             # and every process of the crashed run is gone (torchrun stopped them all).
@@ -125,11 +129,11 @@ class Checkpointer:
         try:
             record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
                                    self.cfg.checkpoint.load, self.throttle, layout=self.layout)
+            self._start_replication()   # a store too small for two slots is found here
         except UsageError:
             if topo.is_leader and not self.store.records():
                 self.store.wipe()   # it holds nothing: bad input leaves no empty store behind
             raise
-        self._start_replication()
         return record
 
     def _start_replication(self) -> None:
@@ -273,6 +277,9 @@ class Checkpointer:
             out["gemini_persist_s"] = self.persister.last_persist_s
         if self.persistent is not None:
             out.update(self.persistent.stats())
+        if self.persister is not None and self.persister.failures:
+            out["gemini_persist_failures"] = self.persister.failures   # cumulative; wandb plots it
+            out["gemini_persist_failing"] = int(self.persister.error is not None)
         plan = self.traffic.plan
         if plan is not None:
             out["gemini_interleave_every"] = self.traffic.every
@@ -310,17 +317,25 @@ class Checkpointer:
         waiter = threading.Thread(target=persister.wait, daemon=True)   # a persist already running
         waiter.start()
         waiter.join(timeout_s / 2)
-        persister.persist(rec, finalize_timeout_s=max(1.0, deadline - time.monotonic()))
+        try:
+            persister.persist(rec, finalize_timeout_s=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            discard_partial(persister.save_dir, rec.iteration)   # the store keeps it; no .partial left
+            raise
         return rec.iteration
 
     # ---- shutdown ---------------------------------------------------------------------
-    def close(self, iteration: int, clean: bool) -> None:
+    def close(self, iteration: int, clean: bool) -> str | None:
+        """Drain; a clean finish writes the final state to --save and frees the memory store,
+        unless that write failed on some rank: then the store is kept (the only copy) and
+        the one-line message saying so is returned."""
         self.ps.timeline.release_waiters()   # chunks waiting for a next iteration go now
         if clean:
             self._drain()
         if self.replicator is not None:
             self.replicator.close()
             self.replicator = None
+        unsaved = None
         if self.persister is not None:
             if clean and (self.last_record is None or self.last_record.iteration != iteration):
                 self._snapshot(iteration)
@@ -329,14 +344,35 @@ class Checkpointer:
             if clean and self.persister.last_iteration != iteration:
                 self.persister.submit(self.last_record)   # always leave the final state on disk
                 self.persister.wait()
+            if clean and self.persister.last_iteration != iteration:
+                unsaved = self._unsaved_message(iteration)
             self.persister.close()
         if self.persistent is not None:
             self.persistent.close(iteration, clean)   # collective: the final state, gathered
         self._worker.shutdown(wait=clean)
         if clean:
+            flag = torch.tensor([unsaved is not None], dtype=torch.int32, device=self.ps.device)
             with peer_failures("GEMINI close"):
-                dist.barrier()   # every rank is done with the store before it goes
+                # Also the barrier: every rank is done with the store before it goes.
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                self.store.close()   # the newest state exists nowhere else: never free it
+                return unsaved or self._unsaved_message(iteration)
             if self.topology.is_leader and not self.cfg.gemini.gemini_keep_store:
                 self.store.wipe()
-                return
+                return None
         self.store.close()
+        if self.topology.is_leader:   # say what stays in memory, and how to free it
+            nbytes, _ = usage(self.store.path)
+            why = "as --gemini-keep-store asks" if clean else "so that a restart resumes from it"
+            log.warning(f"GEMINI: the memory store stays at {self.store.path} ({describe_size(nbytes)}) {why}; "
+                        f"free it with `python tools/gemini_store.py remove {self.job_id}`")
+        return None
+
+    def _unsaved_message(self, iteration: int) -> str:
+        err = self.persister.error if self.persister is not None else None
+        why = f" ({describe(err)})" if err is not None else " (another shard's write failed)"
+        return (f"training finished, but its final state (iteration {iteration}) could not be written to "
+                f"--save {self.cfg.checkpoint.save}{why}; it is kept in memory at "
+                f"{os.path.dirname(self.store.path)}: make room and run the same command again with "
+                f"--gemini-job-id {self.job_id}, which resumes from memory and writes it")

@@ -12,6 +12,11 @@ Megatron). Shard writes go through `throttle` (--persistent-bandwidth-mbs).
 
 If a persist is still running when the next one is due, the new one is skipped and
 counted: persistence is a fallback, it must never slow training down.
+
+A persist that fails (any OSError: a full disk, EIO, a lost permission, a deleted
+directory) is counted in `failures`, its `.partial` directory is removed, and training
+goes on from memory: the next save point writes a newer state, which is the retry. The
+Checkpointer keeps the memory store when the final persist failed (see its close()).
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ import queue
 import threading
 import time
 
-from gemini_lm.checkpoint.files import Throttle
-from gemini_lm.checkpoint.persistent import finalize_from_sidecars, partial_dir, write_shard_file, write_sidecar
+from gemini_lm.checkpoint.files import Throttle, describe
+from gemini_lm.checkpoint.persistent import (discard_partial, finalize_from_sidecars, partial_dir, write_shard_file,
+                                             write_sidecar)
 from gemini_lm.log import get_logger
 
 log = get_logger(__name__)
@@ -40,7 +46,8 @@ class Persister:
         self.skipped = 0
         self.last_persist_s: float | None = None
         self.last_iteration: int | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None   # the latest attempt's, None once one succeeds
+        self.failures = 0
         self.window_hook = window_hook
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._loop, name="gemini-persist", daemon=True)
@@ -65,9 +72,16 @@ class Persister:
                 self.persist(rec)
                 self.last_persist_s = time.perf_counter() - t0
                 self.last_iteration = rec.iteration
+                if self.error is not None:
+                    log.warning(f"GEMINI persist of iteration {rec.iteration} to {self.save_dir} succeeded "
+                                f"after {self.failures} failed attempt(s)")
+                self.error = None
             except BaseException as exc:  # noqa: BLE001 - reported, training goes on from memory
                 self.error = exc
-                log.warning(f"GEMINI persist of iteration {getattr(rec, 'iteration', '?')} failed: {exc!r}")
+                self.failures += 1
+                discard_partial(self.save_dir, rec.iteration)
+                log.warning(f"GEMINI persist of iteration {rec.iteration} to {self.save_dir} failed "
+                            f"({describe(exc)}); the state stays in memory, retried at the next save point")
             finally:
                 self._jobs.task_done()
 

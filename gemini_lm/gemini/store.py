@@ -27,12 +27,12 @@ drops when a process dies:
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
 import os
 import re
-import shutil
 import stat
 import threading
 import time
@@ -46,6 +46,7 @@ from gemini_lm.checkpoint.snapshot import read_tensors
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.slot import Slot
 from gemini_lm.log import get_logger
+from gemini_lm import safefs
 
 log = get_logger(__name__)
 
@@ -129,31 +130,21 @@ def _check_id(kind: str, value: str, pattern: re.Pattern = _ID) -> None:
         raise UsageError(f"invalid {kind} {value!r}: use letters, digits, '_', '-' (no path separators)")
 
 
-def _make_private_dir(path: str) -> None:
-    """Create `path` owner-only, or check that the existing one is a directory we own."""
-    try:
-        os.mkdir(path, 0o700)
-        os.chmod(path, 0o700)   # mkdir's mode is filtered by the umask
-    except FileExistsError:
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise PermissionError(f"{path} is not a directory owned by this user") from None
-        if st.st_mode & 0o077:
-            os.chmod(path, 0o700)
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_json_atomic(dir_fd: int, name: str, obj: dict, what: str) -> None:
+    """Write, then rename over `name`: a fresh file (O_EXCL), never one planted at the tmp name."""
+    tmp = "." + name + ".tmp"
+    safefs.remove_file(dir_fd, tmp, what)     # a crashed writer's leftover
+    fd = safefs.create_file(dir_fd, tmp, os.O_WRONLY, what)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
         f.flush()   # no fsync: on tmpfs there is nothing below the page cache
-    os.replace(tmp, path)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)   # replaces a name, follows nothing
 
 
-def _unlink(path: str) -> None:
+def _unlink(dir_fd: int, name: str) -> None:
+    assert dir_fd is not None   # never a name relative to the working directory
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)   # unlink never follows a link: it removes the name
     except FileNotFoundError:
         pass
 
@@ -168,40 +159,75 @@ class MemoryStore:
         self.job_id, self.machine_id, self.pin_memory = job_id, machine_id, pin_memory
         self.root, self._warned_pin = root, False
         self.path = os.path.join(root, job_id, machine_id)
-        os.makedirs(root, mode=0o700, exist_ok=True)   # may be shared by users; below it is private
-        for p in (os.path.join(root, job_id), self.path):
-            _make_private_dir(p)
+        self._fds: list[int] | None = None   # [parent of root, root, job, machine] (safefs)
+        self._dir(create=True)   # a path that is no private directory fails here, before any write
         self._slots: dict[tuple[str, str], Slot] = {}
         self._writing: dict[str, WriteHandle] = {}
         self._lock = threading.RLock()   # writer bookkeeping; commits may come from another thread
 
     # ---- paths and records ------------------------------------------------------------
+    def _dir(self, create: bool = False) -> int | None:
+        """The machine directory's descriptor: every name in it is opened relative to it, so
+        nothing above it is looked up again (a directory swapped for a link later is never
+        followed). None if it does not exist and `create` is False (reading a wiped store)."""
+        if self._fds is None:
+            for attempt in range(3):
+                try:
+                    self._fds = safefs.open_private_dir(self.root, create=create,
+                                                        below=(self.job_id, self.machine_id))
+                    break
+                except FileNotFoundError:
+                    if not create:
+                        return None
+                    if attempt == 2:   # another job's wipe removed the empty root under our feet, thrice
+                        raise UsageError(f"GEMINI store {self.path}: kept disappearing while created") from None
+                except OSError as exc:
+                    raise UsageError(f"GEMINI store {self.path}: {exc.strerror}") from None
+            for fd in self._fds[2:]:
+                safefs.tighten(fd)   # our own job and machine directories: owner-only
+        return self._fds[-1]
+
     def payload_path(self, record: CommitRecord) -> str:
         """The file holding `record`'s bytes (for tools and tests that inspect or damage it)."""
-        return self._payload_path(record.shard, record.slot)
+        return os.path.join(self.path, self._payload_name(record.shard, record.slot))
 
-    def _payload_path(self, shard: str, slot: str) -> str:
-        return os.path.join(self.path, f"{shard}.{slot}.bin")
+    @staticmethod
+    def _payload_name(shard: str, slot: str) -> str:
+        return f"{shard}.{slot}.bin"
 
-    def _record_path(self, shard: str, slot: str) -> str:
-        return os.path.join(self.path, f"{shard}.{slot}.commit.json")
+    @staticmethod
+    def _record_name(shard: str, slot: str) -> str:
+        return f"{shard}.{slot}.commit.json"
+
+    def _what(self, name: str) -> str:
+        return os.path.join(self.path, name)
 
     def _read_record(self, shard: str, slot: str) -> CommitRecord | None:
         """The slot's record if it is intact and matches its payload file, else None."""
+        dfd = self._dir()
+        if dfd is None:
+            return None
+        name, payload = self._record_name(shard, slot), self._payload_name(shard, slot)
         try:
-            with open(self._record_path(shard, slot)) as f:
+            fd = safefs.open_file(dfd, name, os.O_RDONLY, self._what(name))
+        except FileNotFoundError:
+            return None
+        try:
+            with os.fdopen(fd) as f:
                 rec = CommitRecord.from_dict(json.load(f))
-            size = os.stat(self._payload_path(shard, slot)).st_size
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        ok = (rec.shard, rec.slot, rec.job_id, rec.nbytes) == (shard, slot, self.job_id, size)
+        st = safefs.lstat_entry(dfd, payload)
+        if st is None:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{self._what(payload)}: not a regular file; the store never follows a link")
+        ok = (rec.shard, rec.slot, rec.job_id, rec.nbytes) == (shard, slot, self.job_id, st.st_size)
         return rec if ok else None
 
     def _listdir(self) -> list[str]:
-        try:
-            return os.listdir(self.path)
-        except FileNotFoundError:
-            return []
+        dfd = self._dir()
+        return [] if dfd is None else os.listdir(dfd)
 
     def _slot_names(self, shard: str) -> set[str]:
         return {n.split(".")[1] for n in self._listdir()
@@ -243,8 +269,8 @@ class MemoryStore:
     def _slot(self, shard: str, slot: str) -> Slot:
         s = self._slots.get((shard, slot))
         if s is None:
-            fd = os.open(self._payload_path(shard, slot), os.O_RDWR | os.O_CREAT, 0o600)
-            os.fchmod(fd, 0o600)
+            name = self._payload_name(shard, slot)
+            fd = safefs.open_or_create_file(self._dir(create=True), name, os.O_RDWR, self._what(name))
             s = self._slots[(shard, slot)] = Slot(fd)
         return s
 
@@ -285,7 +311,7 @@ class MemoryStore:
             else:
                 raise RuntimeError(f"{shard}: every slot is pinned by readers")
             try:
-                _unlink(self._record_path(shard, slot))   # from here on a crash leaves no record for this slot
+                _unlink(self._dir(create=True), self._record_name(shard, slot))   # from here on a crash leaves no record for this slot
                 self._map(s, nbytes, pin)
             except BaseException:
                 fcntl.flock(s.fd, fcntl.LOCK_UN)
@@ -310,7 +336,8 @@ class MemoryStore:
                            nbytes=w.nbytes, job_id=self.job_id, layout_hash=w.layout_hash,
                            source=source, time=time.time())
         with self._lock:
-            _write_json_atomic(self._record_path(w.shard, w.slot), rec.to_dict())
+            name = self._record_name(w.shard, w.slot)
+            _write_json_atomic(self._dir(create=True), name, rec.to_dict(), self._what(name))
             self._finish(w, s)
             self._reclaim_spares(w.shard)
         return rec
@@ -340,8 +367,8 @@ class MemoryStore:
                 fcntl.flock(s.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            _unlink(self._record_path(shard, slot))
-            _unlink(self._payload_path(shard, slot))
+            _unlink(self._dir(create=True), self._record_name(shard, slot))
+            _unlink(self._dir(create=True), self._payload_name(shard, slot))
             s.close()   # closing drops the lock
             del self._slots[(shard, slot)]
             names.discard(slot)
@@ -351,7 +378,8 @@ class MemoryStore:
         left by the failed timeline). Its payload is reused by the next write."""
         _check_id("shard id", shard, _SHARD_ID)
         with self._lock:
-            _unlink(self._record_path(shard, slot))
+            if self._dir() is not None:
+                _unlink(self._dir(create=True), self._record_name(shard, slot))
 
     def prepare(self, shard: str, nbytes: int) -> None:
         """Create and pre-fault both slots of `shard` ahead of the first snapshot (optional)."""
@@ -365,6 +393,14 @@ class MemoryStore:
                 fcntl.flock(s.fd, fcntl.LOCK_EX)
                 try:
                     self._map(s, nbytes)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    # At start-up this is the user's choice of store, not a failure to recover from.
+                    st = os.statvfs(self.root)
+                    raise UsageError(f"--gemini-store-dir {self.root}: no room for two slots of "
+                                     f"{nbytes / 2**20:.1f} MiB (shard {shard}; the filesystem holds "
+                                     f"{st.f_blocks * st.f_frsize / 2**20:.1f} MiB in all)") from None
                 finally:
                     fcntl.flock(s.fd, fcntl.LOCK_UN)
 
@@ -382,8 +418,12 @@ class MemoryStore:
     def open(self, record: CommitRecord, verify: bool = True) -> SnapshotView:
         """Pin a committed slot for reading; raises StaleRecordError if it was reused meanwhile
         and CorruptSnapshotError if its bytes do not match the record's checksum."""
+        name = self._payload_name(record.shard, record.slot)
         try:
-            fd = os.open(self._payload_path(record.shard, record.slot), os.O_RDONLY)
+            dfd = self._dir()
+            if dfd is None:
+                raise FileNotFoundError(name)
+            fd = safefs.open_file(dfd, name, os.O_RDONLY, self._what(name))
         except FileNotFoundError:
             raise StaleRecordError(f"{record.shard}.{record.slot}: payload is gone") from None
         try:
@@ -427,12 +467,22 @@ class MemoryStore:
             for s in self._slots.values():
                 s.close()
             self._slots.clear()
+            for fd in self._fds or ():
+                os.close(fd)
+            self._fds = None
 
     def wipe(self) -> None:
-        """Delete this machine's snapshots (clean finish, or its memory is lost with the hardware)."""
+        """Delete this machine's snapshots (clean finish, or its memory is lost with the hardware),
+        then the job directory and the root if that leaves them empty (other jobs' stay)."""
         self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
         try:
-            os.rmdir(os.path.dirname(self.path))   # the job directory, once no machine is left in it
-        except OSError:
-            pass
+            parent, root, job = safefs.open_private_dir(self.root, create=False, below=(self.job_id,))
+        except FileNotFoundError:
+            return
+        try:
+            safefs.remove_tree(job, self.machine_id)
+            if safefs.remove_empty_dir(root, self.job_id):
+                safefs.remove_empty_dir(parent, os.path.basename(os.path.abspath(self.root)))
+        finally:
+            for fd in (parent, root, job):
+                os.close(fd)

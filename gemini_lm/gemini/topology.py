@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from gemini_lm.errors import UsageError
 from gemini_lm.gemini.placement import Placement, plan_placement, replication_plan
 
 
@@ -83,7 +84,10 @@ class GeminiTopology:
         # Where each shard already lives: data-parallel copies count toward the m replicas.
         shard_machines = {s: list(dict.fromkeys(r.machine for r in infos if r.shard == s))
                           for s in dict.fromkeys(r.shard for r in infos)}
-        placement = plan_placement(list(machines), replicas, strategy)
+        try:
+            placement = plan_placement(list(machines), replicas, strategy)
+        except ValueError as exc:   # e.g. group placement whose m does not divide this launch's N
+            raise UsageError(f"--gemini-replicas {replicas} --gemini-placement {strategy}: {exc}") from None
         routes = build_routes(infos, replication_plan(shard_machines, placement))
         return cls(rank, me.machine, me.shard, tuple(infos), machines, machine_leaders(infos),
                    placement, tuple(routes))

@@ -20,11 +20,12 @@ Every delivered injection is appended to <log-dir>/injections.jsonl with its tim
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -64,13 +65,28 @@ class Injection:
         return cls(kind, int(target), **kw)
 
 
+STORE_MARK = ".gemini_cluster_id"   # in a cluster's store root: whose root it is
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
 def read_cluster(log_dir: str) -> dict:
+    """cluster.json of a cluster that is running now. A file left by a finished cluster, or one
+    naming a process that is not the cluster that wrote it (pid and start time), is refused:
+    nothing is signalled or deleted on its word."""
     path = os.path.join(log_dir, "cluster.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            cluster = json.load(f)
+        pid, started = int(cluster["pid"]), cluster.get("pid_start")
+        str(cluster["cluster_id"]), str(cluster["store_root"]), list(cluster["machines"])
     except FileNotFoundError:
         raise UsageError(f"{path} not found: is tools/local_cluster.py running with --log-dir {log_dir}?") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path}: not a cluster state file ({exc})") from None
+    if started is None or procs.start_time(pid) != started or not procs.is_alive(pid):
+        raise UsageError(f"{path}: stale or foreign: process {pid} is not the cluster that wrote it "
+                         f"(has that cluster ended?)")
+    return cluster
 
 
 def metrics_size(log_dir: str) -> int:
@@ -124,21 +140,66 @@ def _machine(cluster: dict, slot: int) -> dict:
 def kill_machine(cluster: dict, machine: dict) -> list[int]:
     """SIGKILL an agent and every process of its machine, then wipe its memory store."""
     killed = []
-    procs.signal_group(machine["agent_pid"], signal.SIGKILL)
-    killed.append(machine["agent_pid"])
+    # Only processes that carry this cluster's mark in their environment: a pid from the
+    # file may since belong to anyone.
     for pid, env in procs.cluster_processes(cluster["cluster_id"]).items():
-        # the agent itself may still be listed (not yet reaped): each pid once
-        if env.get("GEMINI_MACHINE_ID") == machine["id"] and pid not in killed:
+        if pid == machine["agent_pid"] or env.get("GEMINI_MACHINE_ID") == machine["id"]:
             procs.signal_group(pid, signal.SIGKILL)
             killed.append(pid)
-    wipe_machine_store(cluster["store_root"], machine["id"])
+    wipe_machine_store(cluster["store_root"], machine["id"], cluster["cluster_id"])
     return killed
 
 
-def wipe_machine_store(store_root: str, machine_id: str) -> None:
-    """Its memory is gone, as on real hardware: <store_root>/<job>/<machine>/."""
-    for path in glob.glob(os.path.join(store_root, "*", machine_id)):
-        shutil.rmtree(path, ignore_errors=True)
+def check_store_root(store_root: str) -> None:
+    """A cluster's store root must be new or an empty directory: the cluster removes it when
+    it ends, and must never take a user's directory with it."""
+    if os.path.islink(store_root) or os.path.lexists(store_root) and (not os.path.isdir(store_root)
+                                                                     or os.listdir(store_root)):
+        raise UsageError(f"--store-root {store_root}: exists and is not an empty directory "
+                         f"(a cluster removes its store root when it ends)")
+
+
+def mark_store_root(store_root: str, cluster_id: str) -> None:
+    """Claim a fresh store root for a cluster (owner-only), so tools delete only inside it."""
+    check_store_root(store_root)
+    os.makedirs(store_root, mode=0o700, exist_ok=True)
+    os.chmod(store_root, 0o700)
+    with open(os.path.join(store_root, STORE_MARK), "x") as f:
+        f.write(cluster_id)
+
+
+def claimed(store_root: str, cluster_id: str) -> bool:
+    """Whether `store_root` is a directory of ours that this cluster claimed (mark_store_root)."""
+    mark = os.path.join(store_root, STORE_MARK)
+    try:
+        st = os.lstat(store_root)
+        with open(mark) as f:
+            return (f.read() == cluster_id and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                    and not os.path.islink(mark))
+    except OSError:
+        return False
+
+
+def remove_store_root(store_root: str, cluster_id: str) -> bool:
+    """The cluster's end: its whole root goes, but only if it is the one it claimed."""
+    if not claimed(store_root, cluster_id):
+        return False
+    shutil.rmtree(store_root, ignore_errors=True)
+    return True
+
+
+def wipe_machine_store(store_root: str, machine_id: str, cluster_id: str) -> None:
+    """Its memory is gone, as on real hardware: <store_root>/<job>/<machine>/. Only inside a
+    root this cluster marked as its own, only plain names, never through a link."""
+    if not claimed(store_root, cluster_id):
+        raise UsageError(f"{store_root}: not the store root of cluster {cluster_id}: nothing deleted")
+    if not _NAME.fullmatch(machine_id):
+        raise UsageError(f"machine id {machine_id!r}: not a plain name: nothing deleted")
+    for job in os.listdir(store_root):
+        path = os.path.join(store_root, job, machine_id)
+        if _NAME.fullmatch(job) and not os.path.islink(os.path.join(store_root, job)) \
+                and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pause_in_window(log_dir: str, pid: int, window: str, from_iteration: int | None, timeout_s: float) -> dict:

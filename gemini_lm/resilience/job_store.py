@@ -23,6 +23,8 @@ import signal
 
 import torch.distributed as dist
 
+from gemini_lm.resilience.listen import serve_store
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
@@ -77,8 +79,7 @@ def start_keeper_if_needed(slot: int) -> int | None:
         die_with_parent()
         set_process_name("gemini-keeper")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=60))
+        store = serve_store(host, port, datetime.timedelta(seconds=60))   # on MASTER_ADDR only
         while store is not None:   # it serves for as long as it is referenced
             signal.pause()
     finally:

@@ -73,6 +73,16 @@ def comm(pid: int) -> str:
         return ""
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): a pid and its start time name one
+    process for good, where a pid alone may have been reused since it was written down."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def parent(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -20,11 +20,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from gemini_lm.checkpoint.files import Throttle
+from gemini_lm.checkpoint.files import Throttle, describe
 from gemini_lm.checkpoint.naming import shard_id
-from gemini_lm.checkpoint.persistent import (check_writable, finalize_checkpoint, finalize_from_sidecars,
-                                             latest_iteration, load_checkpoint, partial_dir, write_shard_file,
-                                             write_shard_with_sidecar)
+from gemini_lm.checkpoint.persistent import (check_writable, discard_partial, finalize_checkpoint,
+                                             finalize_from_sidecars, latest_iteration, load_checkpoint, partial_dir,
+                                             write_shard_file, write_shard_with_sidecar)
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.log import get_logger
 from gemini_lm.parallel.comm import peer_failures
@@ -36,22 +36,38 @@ def save_checkpoint(save_dir: str, iteration: int, tensors: dict[str, torch.Tens
                     metadata: dict[str, str], ps, keep: int | None = None, manifest: dict | None = None,
                     throttle: Throttle | None = None) -> None:
     """Blocking collective save of every rank's state (the path used without GEMINI).
-    `manifest`: what manifest.json records beside the shards (default: the metadata)."""
+    `manifest`: what manifest.json records beside the shards (default: the metadata).
+    A write error on any rank is an OSError on every rank alike (they must leave the
+    collectives together), and its `.partial` directory is removed."""
     partial = partial_dir(save_dir, iteration)
     entry = None
     if ps.dp_rank == 0:
         layout = SnapshotLayout.build(tensors, metadata)
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)
         layout.write(tensors, buf)
-        entry = (ps.tp_rank, write_shard_file(partial, ps.tp_rank, memoryview(buf.numpy()), throttle))
+        try:
+            entry = (ps.tp_rank, write_shard_file(partial, ps.tp_rank, memoryview(buf.numpy()), throttle))
+        except OSError as exc:
+            entry = (ps.tp_rank, {"error": describe(exc)})
     entries = [None] * ps.world_size
     with peer_failures("checkpoint save"):
         dist.all_gather_object(entries, entry)
+    outcome = [None]   # rank 0's verdict: None, or what failed
     if ps.rank == 0:
         shards = {shard_id(r): e for r, e in (x for x in entries if x is not None)}
-        finalize_checkpoint(save_dir, iteration, ps.tp_size, shards, manifest or {"metadata": metadata}, keep)
+        outcome = [next((e["error"] for e in shards.values() if "error" in e), None)]
+        try:
+            if outcome[0] is None:
+                finalize_checkpoint(save_dir, iteration, ps.tp_size, shards, manifest or {"metadata": metadata},
+                                    keep)
+        except OSError as exc:
+            outcome = [describe(exc)]
+        if outcome[0] is not None:
+            discard_partial(save_dir, iteration)
     with peer_failures("checkpoint save"):
-        dist.barrier()
+        dist.broadcast_object_list(outcome, src=0)   # also the barrier: every writer is done
+    if outcome[0] is not None:
+        raise OSError(f"checkpoint of iteration {iteration} to {save_dir} failed ({outcome[0]})")
 
 
 class AsyncSaver:
@@ -81,6 +97,9 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_write_s: float | None = None
+        self.last_iteration: int | None = None
+        self.failures = 0
+        self.error: OSError | None = None   # the latest write's, None once one succeeds
 
     def save(self, iteration: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
         """Wait for the previous save, copy the state, start writing it; seconds of each."""
@@ -109,11 +128,18 @@ class AsyncSaver:
                 finalize_from_sidecars(self.save_dir, iteration, self.ps.tp_size, self.manifest, self.keep,
                                        self.finalize_timeout_s)
             self.last_write_s = time.perf_counter() - t0
+            self.last_iteration, self.error = iteration, None
+        except OSError as exc:   # storage, not a bug: counted, cleaned up, the next save retries
+            self.failures, self.error = self.failures + 1, exc
+            discard_partial(self.save_dir, iteration)
+            log.warning(f"checkpoint of iteration {iteration} to {self.save_dir} failed ({describe(exc)}); "
+                        f"retried at the next save point")
         except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread by wait()
             self._error = exc
 
     def wait(self) -> None:
-        """Until the save in flight (if any) is written; re-raises its error here."""
+        """Until the save in flight (if any) is written; re-raises its error here unless it was
+        a write error (those are counted in `failures`)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -129,6 +155,7 @@ class PersistentCheckpointer:
         self.cfg, self.state, self.ps = cfg.checkpoint, state, ps
         self.throttle = Throttle.from_mbs(self.cfg.persistent_bandwidth_mbs)
         self._stats: dict = {}
+        self.failures, self.error = 0, None   # blocking saves' write errors (AsyncSaver counts its own)
         self.saver = AsyncSaver(self.cfg.save, ps, self.cfg.save_keep, state.manifest, self.throttle) \
             if self.cfg.async_save and self.cfg.save else None
         if self.cfg.save:
@@ -167,14 +194,23 @@ class PersistentCheckpointer:
             self._stats = {"persist_blocking_s": time.perf_counter() - t0, "persist_wait_s": parts["wait_s"],
                            "persist_copy_s": parts["copy_s"]}
             return
-        save_checkpoint(self.cfg.save, iteration, self.state.tensors(gathered=True), self.state.metadata,
-                        self.ps, keep=self.cfg.save_keep, manifest=self.state.manifest, throttle=self.throttle)
+        try:
+            save_checkpoint(self.cfg.save, iteration, self.state.tensors(gathered=True), self.state.metadata,
+                            self.ps, keep=self.cfg.save_keep, manifest=self.state.manifest, throttle=self.throttle)
+            self.error = None
+        except OSError as exc:   # every rank alike; training goes on, the next save point retries
+            self.failures, self.error = self.failures + 1, exc
+            if self.ps.rank == 0:
+                log.warning(f"{exc}; retried at the next save point")
         self._stats = {"persist_blocking_s": time.perf_counter() - t0}
 
     def stats(self) -> dict:
         out = dict(self._stats)
         if self.saver is not None and self.saver.last_write_s is not None:
             out["persist_write_s"] = self.saver.last_write_s   # the latest background write, finished
+        failures = self.saver.failures if self.saver is not None else self.failures
+        if failures:
+            out["persist_failures"] = failures   # cumulative; wandb plots it
         return out
 
     def flush(self, timeout_s: float) -> int | None:
@@ -184,15 +220,37 @@ class PersistentCheckpointer:
         if self.saver is not None:
             self.saver.window_hook = hook   # the background write is the "persist" window
 
-    def close(self, iteration: int, clean: bool) -> None:
+    def close(self, iteration: int, clean: bool) -> str | None:
+        """A clean finish leaves the final state on disk; if it cannot, the one-line message
+        (without GEMINI there is no other copy: the run must not exit 0)."""
         c = self.cfg
         if not clean:
-            return   # an async write in flight dies with the process; the previous checkpoint stays
+            return None   # an async write in flight dies with the process; the previous checkpoint stays
         if self.saver is not None:
             self.saver.wait()
             with peer_failures("checkpoint close"):
                 dist.barrier()   # every finalizer is done: all ranks read the same tracker below
-        if c.save and latest_iteration(c.save) != iteration:
-            self.save(iteration)   # always leave the final state on disk
-            if self.saver is not None:
-                self.saver.wait()
+        if not c.save or _tracked(c.save) == iteration:
+            return None
+        self.save(iteration)   # always leave the final state on disk
+        if self.saver is not None:
+            self.saver.wait()
+            with peer_failures("checkpoint close"):
+                dist.barrier()   # the finalizer is done: every rank reads the same tracker
+        done = _tracked(c.save)
+        if done == iteration:
+            return None
+        err = self.saver.error if self.saver is not None else self.error
+        why = f" ({describe(err)})" if err is not None else ""
+        newest = f"iteration {done}" if done is not None else "none"
+        return (f"training finished, but its final state (iteration {iteration}) could not be written to "
+                f"--save {c.save}{why}; without GEMINI there is no other copy: the newest checkpoint there is "
+                f"{newest}")
+
+
+def _tracked(save_dir: str) -> int | None:
+    """The tracker's iteration; None when there is none or it cannot be read (a failed disk)."""
+    try:
+        return latest_iteration(save_dir)
+    except OSError:
+        return None

@@ -9,6 +9,7 @@ import torch
 
 from gemini_lm.checkpoint.persistent import check_writable
 from gemini_lm.config import Config
+from gemini_lm.data.indexed_dataset import check_vocabulary
 from gemini_lm.data.tokenizer import build_tokenizer
 from gemini_lm.errors import UsageError
 from gemini_lm.models.config import TransformerConfig, pad_vocab_size
@@ -28,6 +29,7 @@ def build_tokenizer_and_data(cfg: Config):
         raise UsageError("--data-path needs --tokenizer-type (the tokenizer the data was encoded with)")
     tok = build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model,
                           vocab_file=d.vocab_file, merge_file=d.merge_file)
+    check_vocabulary(d.data_path, tok.vocab_size, d.tokenizer_type)   # and the index, at open
     return tok
 
 

@@ -13,6 +13,7 @@ peer fail does not exit: it rejoins the next generation and rolls back in place
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from gemini_lm.checkpoint.protocol import Checkpointer
 from gemini_lm.config import Config, num_micro_batches, training_world_size
 from gemini_lm.data.samplers import micro_batches
-from gemini_lm.errors import EXIT_REFORK, EXIT_RESTART, UsageError
+from gemini_lm.errors import EXIT_REFORK, EXIT_RESTART, EXIT_UNSAVED, UsageError
 from gemini_lm.gemini.topology import machine_id
 from gemini_lm.log import ALL_RANKS, get_logger, setup_logging
 from gemini_lm.parallel.comm import peer_failures
@@ -178,6 +179,8 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.2f}s ("
         + ", ".join(f"{name} {b - a:.2f}" for (_, a), (name, b) in zip(marks, marks[1:])) + ")")
     log.info(report.outputs_line(cfg, checkpointer.memory_store()))
+    for note in cfg.notes:
+        log.info(f"note: {note}")   # an accepted value that changes behaviour is said once
 
     def train_iter():
         return micro_batches(train_ds, progress.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp_size)
@@ -188,7 +191,7 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
     window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
     iteration = first_iteration = start_iteration
     last_loss = last_val = None   # for the summary at the end
-    clean = False
+    clean, unsaved = False, None
     try:
         while iteration < t.train_iters:
             try:
@@ -252,13 +255,17 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         failures.handle(exc)   # a collective failure exits here, skipping the clean-up below
         raise
     finally:
-        checkpointer.close(iteration, clean=clean)
+        unsaved = checkpointer.close(iteration, clean=clean)
         logger.close()
         failures.close()
     if dist.is_initialized():
         with peer_failures("final barrier"):
             dist.barrier()
         dist.destroy_process_group()
+    if unsaved:   # every rank exits non-zero: the run is not done until its state is on disk
+        if ps.rank == 0:
+            print(f"error: {unsaved}", file=sys.stderr, flush=True)
+        return EXIT_UNSAVED
     if ps.rank == 0:
         report.run_finished(cfg, first_iteration=first_iteration, iteration=iteration, started_at=t_start,
                             loss=last_loss, valid_loss=last_val, memory=checkpointer.memory_store())

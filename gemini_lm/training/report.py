@@ -25,10 +25,12 @@ def mb(nbytes: int) -> str:
 
 
 def free_hint(memory: tuple[str, int]) -> str:
-    """'<path> (98.2 MB; free it with rm -rf <job dir>)': the store of this machine, and the
-    job's directory above it (every machine of the job on this host)."""
+    """'<path> (98.2 MB; free it with tools/gemini_store.py remove <job>)': the store of this
+    machine; the tool removes the job's directory above it (every machine of the job on this
+    host), and refuses while a live process holds it."""
     path, nbytes = memory
-    return f"{path} ({mb(nbytes)}; free it with `rm -rf {os.path.dirname(path)}`)"
+    job = os.path.basename(os.path.dirname(path))
+    return f"{path} ({mb(nbytes)}; free it with `python tools/gemini_store.py remove {job}`)"
 
 
 def outputs_line(cfg: Config, memory: tuple[str, int] | None) -> str:

@@ -55,15 +55,20 @@ class TrainState:
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore in place from tensors produced by `tensors()` (possibly in another process)."""
-        missing = [k for k in self._params if k not in tensors]
+        """Restore in place from tensors produced by `tensors()` (possibly in another process).
+        ValueError, before anything changes, unless every tensor this run has (RNG streams
+        aside: a CPU run has no CUDA generator) is there with its shape and dtype."""
+        live = self.tensors()
+        missing = [k for k in live if k not in tensors and not k.startswith("rng/")]
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} model tensors, e.g. {missing[0]}")
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+        for k, src in tensors.items():
+            want = live.get(k)
+            if want is not None and (src.shape != want.shape or src.dtype != want.dtype):
+                raise ValueError(f"{k}: checkpoint has {src.dtype} {tuple(src.shape)}, "
+                                 f"this run {want.dtype} {tuple(want.shape)}")
         for k, p in self._params.items():
-            src = tensors[k]
-            if src.shape != p.shape:
-                raise ValueError(f"{k}: checkpoint shape {tuple(src.shape)} != model {tuple(p.shape)}")
-            p.copy_(src)
+            p.copy_(tensors[k])
         self.optimizer.load_state_tensors({k: v for k, v in tensors.items() if k.startswith("optimizer/")})
         self.scheduler.load_state_tensors({k[len("scheduler/"):]: v for k, v in tensors.items()
                                            if k.startswith("scheduler/")})

@@ -157,3 +157,44 @@ def test_writes_are_atomic(tmp_path):
     # Rewriting replaces the pair.
     build(prefix, [[7], [8]], np.int32)
     assert [IndexedDataset(prefix)[i].tolist() for i in range(2)] == [[7], [8]]
+
+
+def _patch_index(prefix: str, field: str, i: int, value: int) -> None:
+    """Overwrite entry i of an .idx array ("pointers" or "documents") after its 34-byte header: a well-formed
+    file whose numbers disagree with its .bin."""
+    sequences = IndexedDataset(prefix).sequence_lengths.size
+    offset = {"pointers": 34 + 4 * sequences, "documents": 34 + 12 * sequences}[field] + 8 * i
+    with open(prefix + ".idx", "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<q", value))
+
+
+def test_an_index_pointing_past_its_bin_is_a_usage_error(tmp_path):
+    """Issue 13, item 5: the sizes agree (the last sequence ends at the .bin's end), but the
+    first pointer runs past it: one line at open, not a ValueError at the first batch."""
+    prefix = build(str(tmp_path / "p"), [[1, 2, 3], [4, 5, 6, 7]], np.int32)
+    _patch_index(prefix, "pointers", 0, 1000)
+    with pytest.raises(UsageError, match=r"p\.idx: sequence 0 \(pointer 1000, 3 tokens\) runs past the end"):
+        IndexedDataset(prefix)
+    prefix = build(str(tmp_path / "d"), [[1, 2, 3], [4, 5, 6, 7]], np.int32)
+    _patch_index(prefix, "documents", 1, 7)
+    with pytest.raises(UsageError, match=r"d\.idx: document indices are not an increasing cover"):
+        IndexedDataset(prefix)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_usage_error(tmp_path, monkeypatch):
+    """Data encoded with another tokenizer (ids >= its vocabulary) is one line at start-up, not an
+    IndexError in the embedding; the scan is cached beside the dataset indices."""
+    from gemini_lm.data.indexed_dataset import check_vocabulary
+
+    monkeypatch.setenv("GEMINI_LM_CACHE", str(tmp_path / "cache"))
+    prefix = build(str(tmp_path / "v"), [[1, 2, 3], [4, 300, 6]], np.uint16)
+    check_vocabulary(prefix, 301, "X")
+    with pytest.raises(UsageError, match=r"v: token id 300 is outside the vocabulary of --tokenizer-type "
+                                         r"ByteLevelTokenizer \(261 tokens\)"):
+        check_vocabulary(prefix, 261, "ByteLevelTokenizer")
+    assert IndexedDataset(prefix).token_id_range() == (1, 300)
+    assert len(os.listdir(tmp_path / "cache" / "indices")) == 1   # scanned once, then read back
+    negative = build(str(tmp_path / "n"), [[1, -5]], np.int32)
+    with pytest.raises(UsageError, match="token id -5 is outside"):
+        check_vocabulary(negative, 261, "ByteLevelTokenizer")

@@ -154,3 +154,16 @@ def test_replication_plan_bad_input():
         replication_plan({"tp00": []}, p)
     with pytest.raises(ValueError):
         replication_plan({"tp00": ["elsewhere"]}, p)
+
+
+def test_a_placement_the_launch_cannot_honour_is_a_usage_error():
+    """Issue 13, item 5: --gemini-placement group with m not dividing this launch's N is known
+    only once the machines are counted: one line, not a ValueError traceback."""
+    from gemini_lm.errors import UsageError
+    from gemini_lm.gemini.topology import GeminiTopology, RankInfo
+
+    infos = [RankInfo(r, f"m{r}", "tp00", "L") for r in range(3)]
+    with pytest.raises(UsageError, match="--gemini-replicas 2 --gemini-placement group: group placement needs"):
+        GeminiTopology.from_infos(0, infos, 2, "group")
+    clamped = GeminiTopology.from_infos(0, infos, 5, "auto")   # accepted, and says so (echoed at start)
+    assert clamped.placement.replicas == 3 and "clamped to 3" in clamped.placement.notes[0]
