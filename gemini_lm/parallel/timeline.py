@@ -3,6 +3,12 @@
 GEMINI's traffic scheduler places checkpoint chunks in the idle gaps between training
 collectives, so every TP and DP collective records when it started and ended, relative
 to the start of its iteration. Only the newest `keep` iterations are kept.
+
+*Points* are the places in an iteration where the training thread may issue checkpoint
+traffic itself (gemini/exchange.py): point 0 when the iteration begins, point i once the
+i-th collective of the iteration has returned, and None when the optimizer update begins.
+The same program order on every rank gives every rank the same points, whatever the
+timing; `on_point(iteration, point)` is called at each.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ class IterationTimeline:
     t0: float                      # time.perf_counter() at the iteration start
     spans: list = field(default_factory=list)
     duration: float | None = None      # set by end_iteration()
+    points: int = 0                    # collectives returned so far (the current point)
     update_start: float | None = None  # seconds since t0 when the optimizer update began
 
 
@@ -42,12 +49,19 @@ class CollectiveTimeline:
         self._last_update = 0             # newest iteration whose update began
         self._released = False
         self.enabled = True
+        self.on_point = None              # Callable[[int, int | None], None]: the checkpoint exchange
+
+    def _point(self, cur: IterationTimeline, point: int | None) -> None:
+        hook = self.on_point
+        if hook is not None:
+            hook(cur.iteration, point)
 
     def begin_iteration(self, iteration: int) -> None:
         with self._changed:
             self._current = IterationTimeline(iteration, time.perf_counter())
             self._last_iteration = iteration
             self._changed.notify_all()
+        self._point(self._current, 0)
 
     def mark_update(self) -> None:
         """The optimizer update of the current iteration begins now."""
@@ -58,6 +72,7 @@ class CollectiveTimeline:
             cur.update_start = time.perf_counter() - cur.t0
             self._last_update = cur.iteration
             self._changed.notify_all()
+        self._point(cur, None)
 
     def end_iteration(self) -> None:
         cur = self._current
@@ -97,22 +112,29 @@ class CollectiveTimeline:
         cur = self._current
         return 0.0 if cur is None else time.perf_counter() - cur.t0
 
-    def record(self, kind: str, group: str, nbytes: int, start_abs: float, end_abs: float) -> None:
-        """Record a collective given absolute perf_counter() start/end times."""
+    def record(self, kind: str, group: str, nbytes: int, start_abs: float, end_abs: float,
+               point: bool = True) -> None:
+        """Record a collective given absolute perf_counter() start/end times; called by the
+        training thread once it returned (`point`: it succeeded, so the next point is reached)."""
         cur = self._current
-        if cur is None or not self.enabled:
+        if cur is None:
             return
-        span = CollectiveSpan(kind, group, int(nbytes), start_abs - cur.t0, end_abs - cur.t0)
-        with self._lock:
-            cur.spans.append(span)
+        if self.enabled:
+            span = CollectiveSpan(kind, group, int(nbytes), start_abs - cur.t0, end_abs - cur.t0)
+            with self._lock:
+                cur.spans.append(span)
+        if point:
+            cur.points += 1
+            self._point(cur, cur.points)
 
     @contextlib.contextmanager
     def span(self, kind: str, group: str, nbytes: int):
-        start = time.perf_counter()
+        start, ok = time.perf_counter(), False
         try:
             yield
-        finally:
-            self.record(kind, group, nbytes, start, time.perf_counter())
+            ok = True
+        finally:   # a failed collective is recorded, but no traffic goes at it
+            self.record(kind, group, nbytes, start, time.perf_counter(), point=ok)
 
     def release_waiters(self) -> None:
         """Training is over: no iteration will come, so nobody should wait for one."""
