@@ -207,8 +207,10 @@ class Checkpointer:
             self._stats = {}
         if replicate:
             w = self._writing
+            copied = self._d2h_done   # CUDA: the slot is complete once the side stream copied it
             ex.begin(iteration, None if w is None else w.buffer, self._sent_record,
-                     partial(self._chunks_of, iteration), blocking=traffic.blocking(iteration))
+                     partial(self._chunks_of, iteration), blocking=traffic.blocking(iteration),
+                     ready=None if copied is None else copied.synchronize)
             if traffic.blocking(iteration):
                 wait_s += ex.finish(observe=traffic.observe)
                 self._unpin_sending()

@@ -82,6 +82,7 @@ class _Transfer:
     issued: list = field(default_factory=list)   # [(key, [_Op], [Work])], in issue order
     started: float = field(default_factory=time.perf_counter)
     send_window_done: bool = False
+    ready: Callable | None = None                # before the first send: the source is complete
 
 
 class Exchange:
@@ -101,15 +102,16 @@ class Exchange:
 
     # ---- a snapshot's traffic -------------------------------------------------------------
     def begin(self, iteration: int, source: torch.Tensor | None, record: Callable | None,
-              chunks_of: Callable[[Route], list], blocking: bool) -> None:
+              chunks_of: Callable[[Route], list], blocking: bool, ready: Callable | None = None) -> None:
         """Called by every rank at the same point (after the snapshot of `iteration`): plan
         this rank's sends and receives and issue those due now. `source`: this rank's slot
         (if it sends); `record()`: its commit record, waited for when the trailer goes;
         `chunks_of(route)`: [(offset, size, when)]. The trailer goes with the update of the
         last iteration the chunks use (the commit thread has long computed the checksum by
-        then), or, `blocking`, at the deadline after the payload (its time measures alpha)."""
+        then), or, `blocking`, at the deadline after the payload (its time measures alpha).
+        `ready()`: called before the first send (on CUDA: the slot's copy off the GPU is done)."""
         assert self.transfer is None, "the previous transfer was not finished"
-        t = self.transfer = _Transfer(iteration, {})
+        t = self.transfer = _Transfer(iteration, {}, ready=ready)
         for r in self.routes:
             sending, (nbytes, layout_hash) = r.src_rank == self.rank, self.senders[r.src_rank]
             if not sending:
@@ -144,6 +146,9 @@ class Exchange:
         ops = t.steps.pop(key, None)
         if not ops:
             return
+        if t.ready is not None and any(op.send for op in ops):
+            t.ready()
+            t.ready = None
         for op in ops:
             if callable(op.tensor):
                 op.tensor = op.tensor()   # kept on the op: alive until the send completes

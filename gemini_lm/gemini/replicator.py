@@ -1,4 +1,9 @@
-"""Replicator: copies committed snapshots into peer machines' stores, in the background.
+"""Replicator: copies committed snapshots into peer machines' stores, from threads.
+
+Only `--gemini-transport nccl` still uses it. Its threads issue operations beside the
+training thread's collectives, which NCCL documents as unsafe; the default path is the
+training thread's exchange (exchange.py), and this goes once the exchange has a staged
+NCCL variant verified on a GPU.
 
 Every rank computes the same routes from the placement plan: (shard, sender rank,
 receiver rank). The sender is the rank that writes the shard on its machine; the
