@@ -105,7 +105,7 @@ class Replicator:
     def submit(self, view, shard: str, chunker: Callable | None = None) -> None:
         """Send a pinned committed snapshot (store.SnapshotView) to this shard's peers; the
         view is closed once sent. `chunker(peer, nbytes, iteration)` gives the chunks as
-        [(offset, size, when)], when = None (now) or (iteration, seconds into it | None)
+        [(offset, size, when)], when = None (now) or (iteration, timeline point | None)
         for the timeline to wait on; default: fixed-size chunks, sent at once."""
         routes = [r for r in self.out_routes if r.shard == shard]
         if not routes:

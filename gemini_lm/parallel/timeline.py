@@ -43,7 +43,8 @@ class CollectiveTimeline:
         self._done: collections.deque[IterationTimeline] = collections.deque(maxlen=keep)
         self._current: IterationTimeline | None = None
         self._lock = threading.Lock()  # DP bucket hooks may complete on another thread
-        # Checkpoint senders wait on this for "iteration i is x seconds in" / "its update began".
+        # The threaded (nccl) replicator waits on this for "iteration i reached point p" /
+        # "its update began".
         self._changed = threading.Condition()
         self._last_iteration = 0          # newest iteration begun
         self._last_update = 0             # newest iteration whose update began
@@ -83,9 +84,9 @@ class CollectiveTimeline:
             self._done.append(cur)
         self._current = None
 
-    def wait_until(self, iteration: int, offset_s: float | None, timeout: float | None = None) -> bool:
-        """Block until `iteration` is `offset_s` seconds in (None: until its update began),
-        or a later iteration has begun. False on timeout."""
+    def wait_until(self, iteration: int, point: int | None, timeout: float | None = None) -> bool:
+        """Block until `iteration` reached `point` (None: its update began), or a later
+        iteration has begun. False on timeout."""
         deadline = None if timeout is None else time.perf_counter() + timeout
         with self._changed:
             while True:
@@ -95,16 +96,12 @@ class CollectiveTimeline:
                 if remaining is not None and remaining <= 0:
                     return False
                 if self._last_iteration == iteration:
-                    if offset_s is None:
+                    cur = self._current
+                    if point is None:
                         if self._last_update >= iteration:
                             return True
-                    else:
-                        cur = self._current
-                        elapsed = time.perf_counter() - cur.t0 if cur is not None else offset_s
-                        if elapsed >= offset_s:
-                            return True
-                        wait = offset_s - elapsed
-                        remaining = wait if remaining is None else min(wait, remaining)
+                    elif cur is None or cur.iteration != iteration or cur.points >= point:
+                        return True   # reached, or the iteration is over
                 self._changed.wait(remaining)
 
     def now(self) -> float:
@@ -124,7 +121,9 @@ class CollectiveTimeline:
             with self._lock:
                 cur.spans.append(span)
         if point:
-            cur.points += 1
+            with self._changed:
+                cur.points += 1
+                self._changed.notify_all()
             self._point(cur, cur.points)
 
     @contextlib.contextmanager

@@ -230,23 +230,27 @@ class _Waiter:
         return self.result
 
 
-def test_wait_until_returns_when_the_iteration_is_x_seconds_in():
+def _collective(tl):
+    tl.record("all_reduce", "tp", 64, time.perf_counter(), time.perf_counter())
+
+
+def test_wait_until_returns_when_the_iteration_reaches_a_point():
     tl = CollectiveTimeline()
     tl.begin_iteration(4)
-    early = _Waiter(tl, 5, 0.05)            # iteration 5 has not begun yet
+    early = _Waiter(tl, 5, 0)               # iteration 5 has not begun yet
     time.sleep(0.05)
     assert early.thread.is_alive()
     tl.begin_iteration(5)
-    t0 = time.perf_counter() - tl.now()     # the iteration's start
-    late = _Waiter(tl, 5, 0.08)
-    # Both return while iteration 5 is still running (it never ends or is followed here),
-    # so the offset is what released them, and not before it.
-    assert early.join() is True and late.join() is True
-    assert early.returned_at - t0 >= 0.05
-    assert late.returned_at - t0 >= 0.08
-    assert _Waiter(tl, 5, 0.0).join() is True                 # a moment already past
+    assert early.join() is True             # point 0: the iteration's start
+    late = _Waiter(tl, 5, 2)
+    _collective(tl)
+    time.sleep(0.05)
+    assert late.thread.is_alive()           # one collective returned: point 1, not 2
+    _collective(tl)
+    assert late.join() is True
+    assert _Waiter(tl, 5, 1).join() is True                   # a point already past
     tl.end_iteration()
-    assert _Waiter(tl, 5, 10.0).join() is True                # the iteration is over
+    assert _Waiter(tl, 5, 99).join() is True                  # the iteration is over
 
 
 def test_wait_until_the_update_mark():
@@ -255,7 +259,7 @@ def test_wait_until_the_update_mark():
     w = _Waiter(tl, 1, None)
     time.sleep(0.05)
     assert w.thread.is_alive()              # collectives and gaps go by: still waiting
-    tl.record("all_reduce", "tp", 64, time.perf_counter(), time.perf_counter())
+    _collective(tl)
     time.sleep(0.02)
     assert w.thread.is_alive()
     tl.mark_update()
@@ -267,19 +271,19 @@ def test_wait_until_returns_when_a_later_iteration_starts():
     tl = CollectiveTimeline()
     tl.begin_iteration(1)
     for_update = _Waiter(tl, 1, None)
-    far_offset = _Waiter(tl, 1, 30.0)
+    far_offset = _Waiter(tl, 1, 30)
     time.sleep(0.05)
     assert for_update.thread.is_alive() and far_offset.thread.is_alive()
     tl.end_iteration()
     tl.begin_iteration(2)
     assert for_update.join() is True and far_offset.join() is True
-    assert _Waiter(tl, 1, 30.0).join() is True
+    assert _Waiter(tl, 1, 30).join() is True
 
 
 def test_release_waiters_frees_everyone():
     tl = CollectiveTimeline()
     tl.begin_iteration(1)
-    waiters = [_Waiter(tl, 3, None), _Waiter(tl, 2, 0.0), _Waiter(tl, 1, None)]
+    waiters = [_Waiter(tl, 3, None), _Waiter(tl, 2, 0), _Waiter(tl, 1, None)]
     time.sleep(0.05)
     assert all(w.thread.is_alive() for w in waiters)
     tl.release_waiters()
@@ -294,8 +298,8 @@ def test_wait_until_times_out():
     nothing = _Waiter(tl, 1, None, timeout=0.05)               # no iteration at all
     assert nothing.join() is False and nothing.returned_at - t0 >= 0.05
     tl.begin_iteration(1)
-    # The offset lies an hour out: returning at all (and False) means the timeout ended it.
+    # No collective will return: returning at all (and False) means the timeout ended it.
     t0 = time.perf_counter()
-    far = _Waiter(tl, 1, 3600.0, timeout=0.05)
+    far = _Waiter(tl, 1, 3600, timeout=0.05)
     assert far.join() is False and far.returned_at - t0 >= 0.05
     assert _Waiter(tl, 1, None, timeout=0.0).join() is False
