@@ -18,8 +18,8 @@ receiver writes chunks straight into the store's slot and commits only after the
 one with the sender's checksum, so a replica is never visible half-written. An
 iteration of -1 in the header ends the stream.
 
-The payload chunks travel on a transport (transport.py): over gloo straight between
-host memory, or on GPU through a reserved device buffer over NCCL.
+The payload chunks travel on a transport (transport.py): on GPU through a reserved
+device buffer over NCCL.
 
 Sending is asynchronous: `submit()` hands a committed slot to the sender thread and
 returns; `wait()` blocks until the previous snapshot is fully sent. The checkpointer
@@ -41,7 +41,6 @@ from gemini_lm.checkpoint.snapshot import as_byte_tensor
 from gemini_lm.errors import ReplicationError
 from gemini_lm.gemini.schedule import fixed_chunks
 from gemini_lm.gemini.topology import Route
-from gemini_lm.gemini.transport import DirectTransport
 from gemini_lm.log import get_logger
 
 log = get_logger(__name__)
@@ -72,10 +71,10 @@ class Replicator:
                  chunk_bytes: int, timeline=None, on_sent: Callable | None = None,
                  transports: Callable | None = None, window_hook: Callable | None = None):
         """`transports()` makes a payload transport (one per thread: a staged one owns
-        its buffer); default: DirectTransport on `group`. `window_hook(window, iteration)`
+        its buffer). `window_hook(window, iteration)`
         runs inside the replication windows, "send" and "receive" (failure injection)."""
         self.rank, self.group, self.store = rank, group, store
-        make = transports or (lambda: DirectTransport(group))
+        make = transports   # required: the staged (NCCL) transport
         self.machine_id, self.chunk_bytes = machine_id, chunk_bytes
         self.timeline, self.on_sent = timeline, on_sent
         self.window_hook = window_hook
