@@ -80,6 +80,7 @@ class _Transfer:
     writes: dict = field(default_factory=dict)   # receiving route -> WriteHandle
     trailers: dict = field(default_factory=dict) # receiving route -> its trailer buffer
     issued: list = field(default_factory=list)   # [(key, [_Op], [Work])], in issue order
+    in_flight: list = field(default_factory=list)  # works not yet seen complete
     started: float = field(default_factory=time.perf_counter)
     send_window_done: bool = False
     ready: Callable | None = None                # before the first send: the source is complete
@@ -134,11 +135,12 @@ class Exchange:
         t = self.transfer
         if t is None:
             return
-        for _, _, works in t.issued:
-            for w in works:
-                if w.is_completed():
-                    with peer_failures("GEMINI replication"):
-                        w.wait()   # raises if it failed: a peer is gone
+        if t.in_flight:
+            done = [w for w in t.in_flight if w.is_completed()]
+            with peer_failures("GEMINI replication"):
+                for w in done:
+                    w.wait()   # returns at once; raises if it failed: a peer is gone
+            t.in_flight = [w for w in t.in_flight if w not in done]
         self._issue(step_key((iteration, point)))
 
     def _issue(self, key) -> None:
@@ -157,6 +159,7 @@ class Exchange:
         with peer_failures("GEMINI replication"):
             works = dist.batch_isend_irecv(p2p)
         t.issued.append((key, ops, works))
+        t.in_flight.extend(works)
         if not t.send_window_done and any(op.send for op in ops) and self.window_hook is not None:
             t.send_window_done = True
             self.window_hook("send", t.iteration)
