@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
@@ -54,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = _f(1, "ranks sharing each layer (consecutive ranks)")
+    tensor_model_parallel_size: int = _f(1, "ranks sharing each layer (consecutive ranks)", job=True)
     distributed_backend: str = _f("auto", "auto = nccl on CUDA, gloo on CPU", choices=["auto", "gloo", "nccl"])
     device: str = _f("auto", "auto = cuda when available", choices=["auto", "cpu", "cuda"])
     distributed_timeout_minutes: float = _f(10.0, "collective timeout (Megatron's flag)")
@@ -76,15 +78,15 @@ class TrainingConfig:
     adam_beta2: float = _f(0.95, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     clip_grad: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
-    log_num_zeros_in_grad: bool = _f(False, "log the number of zero gradient entries")
+    log_num_zeros_in_grad: bool = _f(False, "log the number of zero gradient entries", job=False)
     bf16: bool = _f(False, "bf16 params with fp32 master weights")
     fp16: bool = _f(False, "fp16 params, fp32 masters, dynamic loss scaling")
     loss_scale: float | None = _f(None, "static loss scale for fp16 (default: dynamic)")
     initial_loss_scale: float = _f(2.0 ** 16, "initial dynamic loss scale")
     seed: int = _f(1234, "seed for weights, dropout and data order")
-    eval_interval: int = _f(100, "validate every this many iterations (0 = never)")
-    eval_iters: int = _f(5, "validation iterations")
-    exit_interval: int | None = _f(None, "stop after an iteration divisible by this")
+    eval_interval: int = _f(100, "validate every this many iterations (0 = never)", job=False)
+    eval_iters: int = _f(5, "validation iterations", job=False)
+    exit_interval: int | None = _f(None, "stop after an iteration divisible by this", job=False)
 
 
 @dataclass
@@ -113,11 +115,13 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_dir: str = _f("runs/default", "metrics.jsonl, recovery.jsonl and console logs go here")
+    log_dir: str | None = _f(None, "metrics.jsonl, recovery.jsonl and console logs go here (default: "
+                                   "runs/<script>-<hash of the model, data and training flags>: one directory "
+                                   "per job, found again when the same command is rerun)")
     log_interval: int = _f(10, "log every this many iterations")
     wandb_project: str | None = _f(None, "log to this wandb project (offline unless wandb is configured)")
     wandb_exp_name: str | None = _f(None, "wandb run name")
-    wandb_save_dir: str | None = _f(None, "wandb files (default <log-dir>/wandb)")
+    wandb_save_dir: str | None = _f(None, "wandb writes its files under <this>/wandb (default: --log-dir)")
 
 
 @dataclass
@@ -214,12 +218,43 @@ def build_parser(extra_args_provider: Callable | None = None, prog: str | None =
     return parser
 
 
+# Sections whose fields define the job (a field's metadata `job` overrides its section's).
+JOB_SECTIONS = ("model", "data", "training")
+_PATH_FIELDS = ("data_path", "tokenizer_model", "vocab_file", "merge_file")
+
+
+def job_log_dir(entry: str, values: dict) -> str:
+    """runs/<entry>-<8 hex>: the default --log-dir, from the flags that define the job (model,
+    data, training, TP size) as given, so another model, data set or entry point is another
+    job, while rerunning the same command finds its directory (and, through it, its memory
+    store: the GEMINI job id derives from --log-dir). `values`: field name -> parsed value."""
+    job = {}
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("job", name in JOB_SECTIONS) and f.name in values:
+                v = values[f.name]
+                job[f.name] = os.path.abspath(v) if f.name in _PATH_FIELDS and v is not None else v
+    digest = hashlib.sha1(json.dumps(job, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join("runs", f"{entry}-{digest}")
+
+
+def default_log_dir(script: str, argv: list[str]) -> str:
+    """The --log-dir `script` (e.g. pretrain_gpt.py) would take with `argv` (its flags; a
+    launcher that must know it, such as tools/local_cluster.py)."""
+    ns, _ = build_parser().parse_known_args(argv)
+    if ns.log_dir is not None:
+        return ns.log_dir
+    return job_log_dir(os.path.splitext(os.path.basename(script))[0], vars(ns))
+
+
 def parse_config(argv: list[str] | None = None, extra_args_provider: Callable | None = None,
                  world_size: int | None = None, only: dict[str, str | None] | None = None,
                  description: str = "gemini_lm pretraining") -> Config:
     parser = build_parser(extra_args_provider, prog=os.path.basename(sys.argv[0]), only=only,
                           description=description)
     ns = vars(parser.parse_args(argv))
+    if "log_dir" in ns and ns["log_dir"] is None:   # from the flags as given, before validation fills any in
+        ns["log_dir"] = job_log_dir(os.path.splitext(os.path.basename(sys.argv[0]))[0], ns)
     sections = {}
     for name, cls in SECTIONS.items():
         sections[name] = cls(**{f.name: ns.pop(f.name) for f in dataclasses.fields(cls) if f.name in ns})

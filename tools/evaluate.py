@@ -203,19 +203,31 @@ def section_wasted_time(ctx) -> dict:
     colours = {"GEMINI": "#2ca02c", "HighFreq": "#ff7f0e", "Strawman": "#d62728",
                "HighFreq (local disk)": "#ffbb78", "Strawman (local disk)": "#ff9896"}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    width = 0.8 / len(methods)
+    handles = {}
     for ax, key, title in ((axes[0], "wasted_s", "paper's definition (log scale)"),
                            (axes[1], "wasted_end_to_end_s", "end to end, with restart")):
-        for i, name in enumerate(methods):
-            ax.bar([k + (i - (len(methods) - 1) / 2) * width for k in range(len(kinds))],
-                   [res[key][k].get(name, 0) for k in kinds], width, label=name, color=colours.get(name))
-        ax.set_xticks(range(len(kinds)), [f"{k} kill" for k in kinds])
+        handles.update(grouped_bars(ax, kinds, {n: [res[key][k].get(n) for k in kinds] for n in methods}, colours))
         ax.set_ylabel("wasted time per failure (s)")
         ax.set_title(title, fontsize=9)
     axes[0].set_yscale("log")
-    axes[1].legend(fontsize=7)
+    axes[1].legend([handles[n] for n in methods if n in handles], [n for n in methods if n in handles], fontsize=7)
     res["figure"] = _save(fig, ctx, "wasted_time.png")
     return res
+
+
+def grouped_bars(ax, kinds: list[str], series: dict[str, list], colours: dict) -> dict:
+    """One group of bars per failure kind, one bar per method; a method with no positive value
+    draws nothing (a log axis cannot show 0). The handles of the methods drawn, by name: the
+    legend lists only those, so no entry stands for a bar that is not there."""
+    drawn = {n: v for n, v in series.items() if any(x is not None and x > 0 for x in v)}
+    width = 0.8 / max(1, len(drawn))
+    handles = {}
+    for i, (name, values) in enumerate(drawn.items()):
+        handles[name] = ax.bar([k + (i - (len(drawn) - 1) / 2) * width for k in range(len(kinds))],
+                               [x if x is not None and x > 0 else 0 for x in values], width, label=name,
+                               color=colours.get(name))
+    ax.set_xticks(range(len(kinds)), [f"{k} kill" for k in kinds])
+    return handles
 
 
 def report_wasted_time(res: dict) -> list[str]:
@@ -399,6 +411,12 @@ def write_report(out: str, results: dict, meta: dict) -> str:
              f"Mode `{meta['mode']}`, {meta['cpus']} CPUs, load average {meta['load_average']:.2f} at the start, "
              f"{meta['elapsed_s']:.0f} s in all. Sections 1-4 measured on this host with real processes and real "
              "signals; 5 exact; 6 a model.", ""]
+    if meta["mode"] == "smoke":
+        lines += ["**Smoke mode: the figures of sections 1-4 are not meaningful.** Every run is shrunk to seconds "
+                  "(a model of a few thousand parameters, a handful of iterations, one round, a shrunk K) to check "
+                  "that each section runs end to end; at that size timer noise and start-up costs dominate, so "
+                  "ratios, wasted times and phases say nothing about GEMINI. Use `--quick` or the full runs for "
+                  "numbers. Sections 5 and 6 are exact and modelled, so they hold at any size.", ""]
     for num, (key, _, report) in SECTIONS.items():
         if key not in results:
             continue

@@ -39,14 +39,17 @@ import threading
 import time
 
 
+from gemini_lm.config import default_log_dir
 from gemini_lm.errors import HelpFormatter, UsageArgumentParser, UsageError, run_cli
 from gemini_lm.resilience import procs
+from gemini_lm.resilience.events import INJECTIONS, read_jsonl
 from gemini_lm.resilience.injection import Injection, inject, metrics_size, wipe_machine_store
+from gemini_lm.resilience.recovery_report import summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-USAGE = "local_cluster.py [options] -- SCRIPT.py [training flags incl. --log-dir]"
+USAGE = "local_cluster.py [options] -- SCRIPT.py [training flags]"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -94,10 +97,14 @@ class Cluster:
         self.args = args
         self.cluster_id = secrets.token_hex(4)
         self.job_id = args.job_id or f"cluster-{self.cluster_id}"
-        self.log_dir = os.path.abspath(flag_value(train, "--log-dir") or "runs/default")
         script = train[0] if os.path.exists(train[0]) else os.path.join(ROOT, train[0])
         if not os.path.exists(script):
             raise UsageError(f"{train[0]}: no such script")
+        # The training's own default (one directory per job), passed on explicitly: the
+        # workers and this process must agree on it.
+        self.log_dir = os.path.abspath(default_log_dir(script, train[1:]))
+        if flag_value(train, "--log-dir") is None:
+            train = train + ["--log-dir", self.log_dir]
         self.store_root = args.store_root or (f"/dev/shm/gemini_lm_cluster_{self.cluster_id}"
                                               if os.path.isdir("/dev/shm") else
                                               os.path.join(self.log_dir, "store"))
@@ -118,6 +125,7 @@ class Cluster:
         self.idle_since: float | None = None
         self.next_id = 0
         self.state = "starting"
+        self.started_at = time.time()
         self.lock = threading.Lock()
         self.store = None
         self.store_left: list[str] | None = None   # set at shutdown, before the store root goes
@@ -292,6 +300,26 @@ class Cluster:
         self.state = outcome
         return 0 if outcome == "done" else 1
 
+    def summary(self) -> list[str]:
+        """What this cluster saw: the failures it injected, the recoveries the training
+        recorded since it started (recovery.jsonl), and where everything is."""
+        recs = [r for r in read_jsonl(os.path.join(self.log_dir, "recovery.jsonl"))
+                if (r.get("first_iteration_at") or 0) >= self.started_at]
+        # by --inject or by hand (tools/inject_failure.py); a failed one has no injections.jsonl line
+        injected = [e for e in read_jsonl(os.path.join(self.log_dir, INJECTIONS)) if e["time"] >= self.started_at]
+        injected += [e for e in self.injections if e.get("error")]
+        lines = [f"local_cluster: {self.state} after {time.time() - self.started_at:.1f}s; "
+                 f"{len(injected)} failure(s) injected, {len(recs)} recovery(ies) recorded, "
+                 f"{len(self.replacements)} machine(s) replaced"]
+        for e in sorted(injected, key=lambda e: e["time"]):
+            what = f"{e['kind']}:{e['target']}" + (f" (rank {e['victim_rank']})" if e.get("victim_rank") is not None else "")
+            lines.append(f"  +{e['time'] - self.started_at:.1f}s injected {what}"
+                         + (f": failed: {e['error']}" if e.get("error") else ""))
+        for r in recs:
+            lines.append(f"  +{r['first_iteration_at'] - self.started_at:.1f}s {summary_line(r)}")
+        lines.append(f"  logs: {self.log_dir} (metrics.jsonl, recovery.jsonl, failures.jsonl, cluster.json, cluster/)")
+        return lines
+
     def shutdown(self) -> None:
         """Stop every process of the cluster and free its shared memory."""
         for m in self.live():
@@ -338,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         cluster.shutdown()
+        print("\n".join(cluster.summary()), flush=True)
 
 
 if __name__ == "__main__":

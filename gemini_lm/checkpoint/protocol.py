@@ -37,5 +37,9 @@ class Checkpointer(Protocol):
     def set_window_hook(self, hook: WindowHook) -> None:
         """Failure injection: run `hook` inside each checkpoint window this checkpointer has."""
 
+    def memory_store(self) -> tuple[str, int] | None:
+        """This machine's in-memory snapshot directory and the bytes it holds now (None: no
+        memory store), for the console: where it is, how big, how to free it."""
+
     def close(self, iteration: int, clean: bool) -> None:
         """Drain background work; a clean finish leaves the final state on disk."""

@@ -95,6 +95,28 @@ class SnapshotLayout:
         self.layout_hash = hashlib.sha256(header).hexdigest()[:16]
         self._header_tensor = torch.frombuffer(bytearray(header), dtype=torch.uint8)
 
+    def difference(self, ours: "SnapshotLayout") -> str:
+        """How this (a found snapshot's) layout differs from `ours`, for a person: the model
+        config fields first, then the tensor-parallel size, then the first differing tensor."""
+        def config(layout):
+            try:
+                return json.loads(layout.metadata.get("model_config", "{}"))
+            except ValueError:
+                return {}
+        there, here = config(self), config(ours)
+        fields = [k for k in sorted(there.keys() | here.keys()) if there.get(k) != here.get(k)]
+        if fields:
+            return "; ".join(f"{k} {there.get(k)} there, {here.get(k)} here" for k in fields[:3])
+        if self.metadata.get("tp_size") != ours.metadata.get("tp_size"):
+            return f"tensor-parallel size {self.metadata.get('tp_size')} there, {ours.metadata.get('tp_size')} here"
+        for name in sorted(self.entries.keys() | ours.entries.keys()):
+            a, b = self.entries.get(name), ours.entries.get(name)
+            if a is None or b is None or (a.dtype, a.shape) != (b.dtype, b.shape):
+                def spec(e):
+                    return "absent" if e is None else f"{str(e.dtype).replace('torch.', '')} {list(e.shape)}"
+                return f"{name}: {spec(a)} there, {spec(b)} here"
+        return "the same tensors, other metadata"
+
     @classmethod
     def build(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> "SnapshotLayout":
         for k, v in metadata.items():

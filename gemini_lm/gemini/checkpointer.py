@@ -119,7 +119,7 @@ class Checkpointer:
                 log.warning(f"GEMINI: removed half-written checkpoint directories of a crashed run: {stale}")
         try:
             record = restore_state(topo, self.store, self.state, self.ps, self.job_id,
-                                   self.cfg.checkpoint.load, self.throttle)
+                                   self.cfg.checkpoint.load, self.throttle, layout=self.layout)
         except UsageError:
             if topo.is_leader and not self.store.records():
                 self.store.wipe()   # it holds nothing: bad input leaves no empty store behind
@@ -342,6 +342,9 @@ class Checkpointer:
             out["gemini_interleave_leftover_bytes"] = plan.leftover_bytes
             out["gemini_interleave_predicted_extra_s"] = plan.predicted_extra_s
         return out
+
+    def memory_store(self) -> tuple[str, int]:
+        return self.store.path, self.store.nbytes()
 
     # ---- preemption -------------------------------------------------------------------
     def flush(self, timeout_s: float) -> int | None:

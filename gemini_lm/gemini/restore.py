@@ -12,10 +12,13 @@ recovery_plan.py decides (a pure function); this module carries the decision out
 If memory cannot give every shard, every rank loads the newest persistent checkpoint;
 if there is none either, training starts fresh (source "none"): the caller says whether
 that is a first start or a restart that lost everything (the record counts the corrupt
-copies skipped: memory that held only those was not a first start).
+copies skipped: memory that held only those was not a first start). Snapshots of this job with
+another layout (the model flags changed, the job id did not) stop the start-up with one
+line that says what they hold; they are kept, never overwritten or removed unasked.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -24,7 +27,8 @@ import torch.distributed as dist
 from gemini_lm.checkpoint.checksum import CorruptSnapshotError, checksum
 from gemini_lm.checkpoint.files import Throttle
 from gemini_lm.checkpoint.persistent import latest_iteration, load_checkpoint
-from gemini_lm.checkpoint.snapshot import as_byte_tensor, read_tensors
+from gemini_lm.checkpoint.snapshot import SnapshotFormatError, SnapshotLayout, as_byte_tensor, read_tensors
+from gemini_lm.errors import UsageError
 from gemini_lm.gemini.recovery_plan import plan_recovery, stale_records
 from gemini_lm.gemini.store import StaleRecordError
 from gemini_lm.gemini.topology import GeminiTopology
@@ -50,16 +54,48 @@ def _verified_inventory(store) -> tuple[list[dict], int]:
     return good, corrupt
 
 
+def _layout_mismatch(store, topo: GeminiTopology, layout: SnapshotLayout | None) -> str | None:
+    """Snapshots of this job that no rank can use, because the model layout changed under the
+    same job id (other model flags, TP size or precision with the same --log-dir): what they
+    are and what happens to them, or None. They are kept: they may be the user's newest state."""
+    expected = {r.shard: r.layout_hash for r in topo.infos}
+    odd = [r for r in store.records() if expected.get(r.shard) != r.layout_hash]
+    if not odd:
+        return None
+    rec = max(odd, key=lambda r: r.iteration)
+    if rec.shard not in expected:
+        diff = f"shard {rec.shard}, which this tensor-parallel size does not have"
+    elif rec.shard == topo.shard and layout is not None:
+        try:
+            with store.open(rec, verify=False) as view:
+                diff = SnapshotLayout.parse(view.buffer).difference(layout)
+        except (StaleRecordError, SnapshotFormatError):
+            diff = "layout " + rec.layout_hash
+    else:
+        diff = f"layout {rec.layout_hash} there, {expected[rec.shard]} here"
+    job_dir = os.path.dirname(store.path)
+    return (f"the GEMINI memory store {store.path} holds iteration {rec.iteration} of this job for another "
+            f"model layout ({diff}), so it cannot be restored here; it is kept ({store.nbytes() / 1e6:.1f} MB): "
+            f"rerun with the flags that wrote it to resume from it, or free it (rm -rf {job_dir}) and rerun "
+            f"to start this layout from --load or iteration 0 (another --log-dir is another job)")
+
+
 def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir: str | None,
-                  throttle: Throttle | None = None) -> dict:
+                  throttle: Throttle | None = None, layout: SnapshotLayout | None = None) -> dict:
     """Load the newest consistent state into `state`; the recovery record (see the module doc).
-    `throttle`: paces the persistent fallback's read (modelled remote storage)."""
+    `throttle`: paces the persistent fallback's read (modelled remote storage). `layout`: this
+    rank's, to say how a snapshot of another layout differs (UsageError on every rank alike:
+    nothing is loaded, nothing removed)."""
     t0 = time.time()
     inventory, corrupt = _verified_inventory(store) if topo.is_leader else (None, 0)
+    mismatch = _layout_mismatch(store, topo, layout) if topo.is_leader else None
     gathered: list = [None] * ps.world_size
     with peer_failures("recovery inventory"):
-        dist.all_gather_object(gathered, (topo.machine, inventory, corrupt))
-    inventories = {m: inv for m, inv, _ in gathered if inv is not None}
+        dist.all_gather_object(gathered, (topo.machine, inventory, corrupt, mismatch))
+    mismatches = [m for *_, m in gathered if m is not None]
+    if mismatches:
+        raise UsageError(mismatches[0])
+    inventories = {m: inv for m, inv, *_ in gathered if inv is not None}
     plan = plan_recovery(list(topo.infos), inventories, job_id)
     t_agreed = time.time()
     persistent_it = latest_iteration(load_dir)
@@ -92,9 +128,9 @@ def restore_state(topo: GeminiTopology, store, state, ps, job_id: str, load_dir:
             "memory_iteration": plan.iteration, "persistent_iteration": persistent_it,
             "bytes_moved": int(totals), "peer_ranks": sorted(r for r, s in plan.source.items() if s == "peer"),
             "agree_s": t_agreed - t0, "retrieve_s": t_retrieved - t_agreed,
-            "load_s": t_loaded - t_retrieved, "total_s": t_loaded - t0,
+            "load_s": t_loaded - t_retrieved, "restore_s": t_loaded - t0,
             "started_at": t0, "machine_count": len(inventories),
-            "corrupt_copies": sum(c for _, _, c in gathered)}
+            "corrupt_copies": sum(c for _, _, c, _ in gathered)}
 
 
 def _retrieve(topo: GeminiTopology, store, plan):

@@ -229,6 +229,16 @@ class MemoryStore:
         """What this machine holds, as JSON-able dicts to publish to the other ranks."""
         return [dict(r.to_dict(), machine_id=self.machine_id) for r in self.records()]
 
+    def nbytes(self) -> int:
+        """Bytes of shared memory this machine's store occupies (every slot, replicas too)."""
+        total = 0
+        for name in self._listdir():
+            try:
+                total += os.stat(os.path.join(self.path, name)).st_size
+            except FileNotFoundError:
+                pass
+        return total
+
     # ---- writing --------------------------------------------------------------------
     def _slot(self, shard: str, slot: str) -> Slot:
         s = self._slots.get((shard, slot))

@@ -19,7 +19,9 @@ is to notice it fast, leave a trace and get out of the way:
   flush() writes the newest complete snapshot to --save if newer than the checkpoint there,
   then exit EXIT_RESTART. Not 0: a worker that exits 0 tells its agent it finished, and a
   lone worker's agent would then leave the job. When the agent itself is shutting down
-  the code is ignored anyway.
+  the code is ignored anyway. Without a launcher (a plain `python pretrain_gpt.py`: no
+  TORCHELASTIC_* variables) nobody restarts it, so the last line says how to resume
+  (rerun the same command) and how to free the memory store it leaves behind.
 
 Signals are received through signal.set_wakeup_fd by a thread, not by a Python-level
 handler: the main thread may sit in a C++ collective for a long time, and Python runs
@@ -50,6 +52,11 @@ log = get_logger(__name__)
 # torch's own typed errors for a failed backend, network or store (NCCL, TCPStore).
 _TORCH_PEER_ERRORS = tuple(getattr(dist, n) for n in ("DistBackendError", "DistNetworkError", "DistStoreError")
                            if hasattr(dist, n))
+
+
+def under_launcher() -> bool:
+    """torchrun (or an agent like it) runs this worker and restarts it when it exits 75."""
+    return any(k.startswith("TORCHELASTIC_") for k in os.environ)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -108,11 +115,28 @@ class FailureHandler:
         with self._exiting:   # one exit path wins (watchdog vs. main thread vs. SIGTERM)
             record_failure(self.log_dir, cause=cause, rank=self.rank, machine=self.machine,
                            iteration=self.iteration, detail=detail)
-            then = "a warm re-fork" if self.exit_code != EXIT_RESTART else "a restart"
-            log.warning(f"{cause} after iteration {self.iteration}: {detail[:200]}; "
-                        f"exiting {self.exit_code} for {then}", extra=ALL_RANKS)
+            if self.exit_code != EXIT_RESTART:
+                then = f"exiting {self.exit_code} for a warm re-fork"
+            elif under_launcher():
+                then = f"exiting {self.exit_code} for a restart"
+            else:
+                then = f"stopped (exit {self.exit_code}): no launcher restarts it; {self._resume_hint()}"
+            log.warning(f"{cause} after iteration {self.iteration}: {detail[:200]}; {then}", extra=ALL_RANKS)
             sys.stdout.flush()
             os._exit(self.exit_code)
+
+    def _resume_hint(self) -> str:
+        """How to go on without a launcher, and what the memory store costs meanwhile."""
+        hint = "to resume, rerun the same command"
+        try:
+            memory = None if self.checkpointer is None else self.checkpointer.memory_store()
+        except Exception:  # noqa: BLE001 - only a hint: the exit must happen regardless
+            memory = None
+        if memory is not None:
+            path, nbytes = memory
+            hint += (f" (it restores from the memory store {path}, {nbytes / 1e6:.1f} MB, kept until then); "
+                     f"to free that memory instead: rm -rf {os.path.dirname(path)}")
+        return hint
 
     # ---- watchdog ---------------------------------------------------------------------
     def progress(self, iteration: int) -> None:

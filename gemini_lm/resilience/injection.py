@@ -127,7 +127,8 @@ def kill_machine(cluster: dict, machine: dict) -> list[int]:
     procs.signal_group(machine["agent_pid"], signal.SIGKILL)
     killed.append(machine["agent_pid"])
     for pid, env in procs.cluster_processes(cluster["cluster_id"]).items():
-        if env.get("GEMINI_MACHINE_ID") == machine["id"]:
+        # the agent itself may still be listed (not yet reaped): each pid once
+        if env.get("GEMINI_MACHINE_ID") == machine["id"] and pid not in killed:
             procs.signal_group(pid, signal.SIGKILL)
             killed.append(pid)
     wipe_machine_store(cluster["store_root"], machine["id"])

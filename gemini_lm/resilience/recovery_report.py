@@ -57,11 +57,19 @@ def _last_logged_iteration(metrics_path: str) -> int | None:
     return last
 
 
-def is_restart(metrics_path: str) -> bool:
-    """A restart of a job that ran before: torchrun restarted it, or its metrics exist."""
+# Written by rank 0 when a run finishes cleanly (training/report.py), removed when the next
+# run of the same log dir starts: its presence says the previous run was not interrupted.
+FINISHED = "summary.json"
+
+
+def is_restart(log_dir: str) -> bool:
+    """A restart of an interrupted run: torchrun restarted it, or the log dir holds metrics
+    of a run that did not finish cleanly. A first start, or a new run of a job whose
+    previous run finished, is not."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return True
-    return os.path.exists(metrics_path)
+    return (os.path.exists(os.path.join(log_dir, "metrics.jsonl"))
+            and not os.path.exists(os.path.join(log_dir, FINISHED)))
 
 
 class RecoveryReporter:
@@ -77,15 +85,16 @@ class RecoveryReporter:
         self.pending: dict | None = None
 
     def restored(self, record: dict | None) -> None:
-        """The restore's record (None: this checkpointer reports none). A fresh first start
-        is not a recovery; a restart that found nothing usable anywhere (nothing at all, or
-        only corrupt copies in memory) is, and says so loudly."""
+        """The restore's record (None: this checkpointer reports none). Nothing restored is a
+        recovery only for a restart of an interrupted run, and then says so loudly (nothing at
+        all, or only corrupt copies in memory); a first start, or a new run after a finished
+        one, gets one plain line and no record."""
         if record is None:
             return
         if record["source"] == "none":
             corrupt = record.get("corrupt_copies") or 0
-            if not corrupt and not is_restart(self.metrics_path):
-                log.info("GEMINI: no checkpoint in memory or on disk: starting fresh")
+            if not corrupt and not is_restart(self.log_dir):
+                log.info("starting from iteration 0")
                 return
             if self.enabled:
                 found = f"only {corrupt} corrupt copies" if corrupt else "no checkpoint"
@@ -93,7 +102,7 @@ class RecoveryReporter:
                             "STARTING FRESH FROM ITERATION 0")
         else:
             log.info(f"recovery: iteration {record['iteration']} from {record['source']} "
-                     f"({record['bytes_moved'] / 2**20:.1f} MiB moved) in {record['total_s']:.2f}s")
+                     f"({record['bytes_moved'] / 2**20:.1f} MiB moved) in {record['restore_s']:.2f}s")
         self.pending = dict(record)
         self.pending["last_logged_iteration"] = _last_logged_iteration(self.metrics_path)
 

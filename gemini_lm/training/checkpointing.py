@@ -141,13 +141,16 @@ class PersistentCheckpointer:
         it = load_checkpoint(self.cfg.load, self.state, self.ps.tp_rank, self.ps.tp_size, self.throttle)
         t1 = time.time()
         if it is None:
-            log.info("no checkpoint to load: starting from scratch")
+            log.info("no checkpoint to load: starting from iteration 0")
             return None
         log.info(f"loaded persistent checkpoint {self.cfg.load} at iteration {it} in {t1 - t0:.2f}s")
         # The fields of gemini/restore.py's record, so the RecoveryReporter times it alike.
         return {"time": t1, "source": "persistent", "iteration": it, "memory_iteration": None,
                 "persistent_iteration": it, "bytes_moved": 0, "peer_ranks": [], "agree_s": 0.0,
-                "retrieve_s": 0.0, "load_s": t1 - t0, "total_s": t1 - t0, "started_at": t0, "machine_count": None}
+                "retrieve_s": 0.0, "load_s": t1 - t0, "restore_s": t1 - t0, "started_at": t0, "machine_count": None}
+
+    def memory_store(self) -> None:
+        return None
 
     def before_update(self) -> None:
         pass   # a save has copied (async) or written (blocking) the state before after_step returns

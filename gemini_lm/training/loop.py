@@ -33,6 +33,7 @@ from gemini_lm.resilience.handler import FailureHandler, is_peer_failure
 from gemini_lm.resilience.membership import StoreLost
 from gemini_lm.resilience.recovery_report import RecoveryReporter
 from gemini_lm.resilience.supervisor import ChildContext, Supervisor
+from gemini_lm.training import report
 from gemini_lm.training.checkpointing import PersistentCheckpointer
 from gemini_lm.training.initialize import all_ranks_or_none, collective_timeout, initialize_distributed
 from gemini_lm.training.inplace import ColdFallback, InPlace, publish_worker
@@ -158,6 +159,8 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         record.update(path="inplace", reformed_at=failures.rendezvous_done_at,
                       generation=getattr(inplace, "generation", None))
     reporter.restored(record)
+    if ps.rank == 0:
+        report.run_started(cfg.logging.log_dir)
     failures.attach(checkpointer)
     failures.start_watchdog()
     if inplace is not None:
@@ -171,6 +174,7 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         f"global batch {gbs} = {t.micro_batch_size} x {n_micro} micro x {ps.dp_size} DP; "
         f"iterations {start_iteration} -> {t.train_iters}; set-up {time.time() - t_start:.2f}s ("
         + ", ".join(f"{name} {b - a:.2f}" for (_, a), (name, b) in zip(marks, marks[1:])) + ")")
+    log.info(report.outputs_line(cfg, checkpointer.memory_store()))
 
     def train_iter():
         return micro_batches(train_ds, progress.consumed_samples, t.micro_batch_size, ps.dp_rank, ps.dp_size)
@@ -179,7 +183,8 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         if valid_ds is not None else (lambda: None)
     tokens_per_iter = gbs * cfg.model.seq_length
     window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
-    iteration = start_iteration
+    iteration = first_iteration = start_iteration
+    last_loss = last_val = None   # for the summary at the end
     clean = False
     try:
         while iteration < t.train_iters:
@@ -209,6 +214,7 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
                     if out.num_zeros_in_grad is not None:
                         record["num_zeros_in_grad"] = out.num_zeros_in_grad
                     logger.log_iteration(record)
+                    last_loss = loss
                     eta = elapsed * (t.train_iters - iteration)
                     log.info(f"iter {iteration:6d}/{t.train_iters} | loss {loss:.4f} | "
                              f"lr {record['lr']:.2e} | {elapsed * 1000:.0f} ms/it | "
@@ -218,6 +224,7 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
                                    num_micro_batches=n_micro, ps=ps)
                     if val is not None:
                         logger.log_eval(iteration, {"loss": val})
+                        last_val = val
                         log.info(f"validation at iter {iteration}: loss {val:.4f}")
                 if t.exit_interval and iteration % t.exit_interval == 0:
                     break
@@ -249,6 +256,9 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
         with peer_failures("final barrier"):
             dist.barrier()
         dist.destroy_process_group()
+    if ps.rank == 0:
+        report.run_finished(cfg, first_iteration=first_iteration, iteration=iteration, started_at=t_start,
+                            loss=last_loss, valid_loss=last_val, memory=checkpointer.memory_store())
     return 0
 
 

@@ -39,14 +39,18 @@ class MetricsLogger:
             import wandb  # slow import: only when asked for
 
             mode = None if _wandb_configured() else "offline"
-            save_dir = wandb_save_dir or os.path.join(log_dir, "wandb")
+            # wandb writes into <dir>/wandb/ itself (Megatron's --wandb-save-dir is that dir too)
+            save_dir = wandb_save_dir or log_dir
             os.makedirs(save_dir, exist_ok=True)
+            # One job, one run: the id is the job's, so a restart resumes the same run.
             self._wandb = wandb.init(project=wandb_project, name=wandb_exp_name, dir=save_dir,
                                      id=run_id, resume="allow" if run_id else None,
                                      mode=mode, config=config, settings=wandb.Settings(silent=True))
             if mode == "offline":   # wandb is silenced; say once where the run went
-                log.info(f"wandb: offline run in {os.path.dirname(self._wandb.dir)} "
-                         f"(upload it with `wandb sync` on that directory)")
+                runs = os.path.join(save_dir, "wandb", f"offline-run-*-{self._wandb.id}")
+                log.info(f"wandb: offline run {self._wandb.id} in {os.path.dirname(self._wandb.dir)} "
+                         f"(each restart adds a directory of the same run; upload them as one run "
+                         f"with `wandb sync {runs}`)")
             # Plot against our iteration, not wandb's own step: after a recovery the run
             # resumes and logs iterations again that wandb's monotonic step would drop.
             self._wandb.define_metric("iteration")

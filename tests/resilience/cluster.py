@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Callable
 
 from gemini_lm.resilience import procs
@@ -106,15 +107,29 @@ def store_of(log_dir: str, machine: str, shards: tuple[str, ...] | None = None) 
     state = cluster_state(log_dir)
     path = os.path.join(state["store_root"], state["job_id"], machine)
     assert os.path.isdir(path), f"{machine} has no memory store"
+    from gemini_lm.gemini.store import StaleRecordError
+
     store = MemoryStore(state["store_root"], state["job_id"], machine)
-    out: dict[str, list[int]] = {}
-    for rec in store.records():
-        if shards is not None and rec.shard not in shards:
-            continue
-        with store.open(rec, verify=True):
-            out.setdefault(rec.shard, []).append(rec.iteration)
-    store.close()
-    return out
+    try:
+        # A live writer (a receiver taking a slot for a header that arrived before its sender
+        # stopped) may lock a slot between our listing and our open, then unlink its record: a
+        # moment, so look again. A record that stays pinned by a writer is a torn copy still
+        # offered: that fails, after 2 s.
+        for attempt in range(20):
+            try:
+                out: dict[str, list[int]] = {}
+                for rec in store.records():
+                    if shards is not None and rec.shard not in shards:
+                        continue
+                    with store.open(rec, verify=True):
+                        out.setdefault(rec.shard, []).append(rec.iteration)
+                return out
+            except StaleRecordError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.1)
+    finally:
+        store.close()
 
 
 def assert_same_losses(reference: dict[int, float], log_dir: str) -> list[tuple[int, float]]:

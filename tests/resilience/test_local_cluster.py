@@ -66,7 +66,9 @@ def test_sigterm_by_hand_keeps_a_newer_checkpoint_then_ctrl_c_cleans_up(byte_cor
     cmd = [sys.executable, CLUSTER, "--machines", "1", "--", "pretrain_gpt.py",
            *tiny_gpt_args(byte_corpus, log_dir, "--train-iters", "100000", "--save", str(save),
                           "--load", str(load))]
-    cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out_path = tmp_path / "out.txt"   # a file, not a pipe: the training's lines must never block
+    with open(out_path, "w") as out_file:
+        cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=out_file, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: os.path.exists(os.path.join(log_dir, "cluster.json")), 30, "cluster.json")
         out = subprocess.run([sys.executable, INJECT, "--log-dir", log_dir, "--kind", "sigterm",
@@ -85,6 +87,12 @@ def test_sigterm_by_hand_keeps_a_newer_checkpoint_then_ctrl_c_cleans_up(byte_cor
             cluster.kill()
             cluster.wait()
     assert_nothing_left(log_dir, finished=False)
+    # The cluster's summary: the failure injected by hand, the recovery recorded, where the logs are.
+    summary = out_path.read_text().split("local_cluster: interrupted after ")[1].splitlines()
+    assert "1 failure(s) injected, 1 recovery(ies) recorded" in summary[0]
+    assert "injected sigterm:0 (rank 0)" in summary[1]
+    assert "recovery (restart): sigterm -> iteration" in summary[2]
+    assert summary[3] == f"  logs: {log_dir} (metrics.jsonl, recovery.jsonl, failures.jsonl, cluster.json, cluster/)"
 
 
 def test_sigterm_flushes_the_newest_snapshot_byte_for_byte(byte_corpus, tmp_path):

@@ -168,6 +168,8 @@ def test_replicas_interrupted_by_a_machine_loss_and_a_receiver_kill(byte_corpus,
                                 for shard in ("tp00", "tp01")))
     assert (recs[1]["source"], recs[1]["iteration"], recs[1]["failure_kind"]) == ("local", max(common), "worker")
     assert recs[1]["iteration"] in (k - 1, k)
+    machine_kill = read_jsonl(os.path.join(log_dir, "injections.jsonl"))[0]
+    assert len(machine_kill["killed_pids"]) == len(set(machine_kill["killed_pids"])) >= 2   # agent and worker, once each
     assert_no_corrupt_copy_offered(log_dir)
     assert_continued_exactly(reference, log_dir)
     assert_nothing_left(log_dir)

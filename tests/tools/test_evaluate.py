@@ -40,6 +40,7 @@ def test_report_has_every_section_with_its_figure(smoke):
     res = json.load(open(os.path.join(smoke, "results.json")))
     for m, r in res["iteration_time"]["methods"].items():   # the table shows the measured numbers
         assert f"| {m} | {r['s_per_iter']:.4f} | {r['x_none']:.3f} |" in report, m
+    assert "Smoke mode: the figures of sections 1-4 are not meaningful." in report
 
 
 def test_results_are_measured_from_the_runs(smoke):

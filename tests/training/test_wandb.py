@@ -63,7 +63,7 @@ def test_offline_run_under_log_dir_indexed_by_iteration(byte_corpus, tmp_path, m
                          "--eval-interval", "4", "--eval-iters", "1", "--wandb-project", "demo",
                          "--wandb-exp-name", "smoke")
     run_pretrain(tmp_path, argv)
-    (run_dir,) = (log_dir / "wandb").glob("wandb/offline-run-*")
+    (run_dir,) = (log_dir / "wandb").glob("offline-run-*")   # <log-dir>/wandb, not .../wandb/wandb
     records = read_offline_run(run_dir)
     assert [it for it, _ in logged(records, "train/loss")] == [2, 4]
     assert [it for it, _ in logged(records, "valid/loss")] == [4]
@@ -83,7 +83,27 @@ def test_iterations_logged_again_after_a_recovery_are_kept(tmp_path, monkeypatch
         logger.log_iteration({"iteration": iteration, "loss": loss})
     logger.log_recovery({"iteration": 5, "retrieval_s": 0.25})
     logger.close()
-    (run_dir,) = (tmp_path / "wandb").glob("wandb/offline-run-*-resumed")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*-resumed")
     records = read_offline_run(run_dir)
     assert logged(records, "train/loss") == [(5, 3.0), (6, 2.9), (5, 3.1)]
     assert logged(records, "recovery/retrieval_s") == [(5, 0.25)]
+
+
+@pytest.mark.slow
+def test_one_job_is_one_run_resumed_across_a_restart(byte_corpus, tmp_path, monkeypatch):
+    # The same command twice (the first stops at iteration 2 and keeps its memory store, the
+    # second resumes from it): both processes log into one wandb run, the job's.
+    from gemini_lm.config import parse_config
+    from gemini_lm.training.inputs import default_job_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log_dir = tmp_path / "log"
+    argv = tiny_gpt_args(byte_corpus, str(log_dir), "--train-iters", "4", "--wandb-project", "demo",
+                         "--gemini-store-dir", str(tmp_path / "shm"), "--gemini-keep-store")
+    run_pretrain(tmp_path, argv + ["--exit-interval", "2"])
+    run_pretrain(tmp_path, argv)
+    run_id = default_job_id(parse_config(argv, world_size=1))
+    run_dirs = sorted((log_dir / "wandb").glob("offline-run-*"))
+    assert [d.name for d in run_dirs if d.name.endswith("-" + run_id)] == [d.name for d in run_dirs]
+    assert len(run_dirs) == 2 and not (log_dir / "wandb" / "wandb").exists()
+    assert [[it for it, _ in logged(read_offline_run(d), "train/loss")] for d in run_dirs] == [[1, 2], [3, 4]]
