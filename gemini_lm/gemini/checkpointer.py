@@ -12,8 +12,9 @@
 Per iteration, only the *writer* of a shard on a machine (its lowest rank holding that
 shard) snapshots: data-parallel replicas on the same machine hold identical bytes. The
 snapshot is one copy of the live tensors into a shared-memory slot that outlives this
-process; the replicator then ships the committed slot to peer machines in the
-background, and the persister writes it to `--save` every `--save-interval` iterations.
+process; the exchange then ships the slot to peer machines, its chunks issued by the
+training thread at the timeline's points (exchange.py), and the persister writes it to
+`--save` every `--save-interval` iterations.
 Who writes, who leads a machine and where copies go is the GeminiTopology, built once.
 
 With --use-distributed-optimizer every DP rank's optimizer slice is unique: each rank is
@@ -40,6 +41,8 @@ from gemini_lm.checkpoint.persistent import check_writable, discard_partial, lat
 from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
+from gemini_lm.gemini.agreement import agree_profile
+from gemini_lm.gemini.exchange import Exchange
 from gemini_lm.gemini.interleave import TrafficScheduler
 from gemini_lm.gemini.persist import Persister
 from gemini_lm.gemini.replicator import Replicator
@@ -61,9 +64,9 @@ class Checkpointer:
         self.cfg, self.state, self.ps, self.job_id = cfg, state, ps, job_id
         g = cfg.gemini
         self.interval = g.gemini_interval
-        # auto is gloo for now: the NCCL path passed its GPU tests but stalled in a GPU
-        # benchmark before connect_routes existed, and that fix has not run on a GPU yet
-        # (see the README). nccl without CUDA was refused with the other input checks.
+        # auto is gloo: the exchange (training-thread traffic) runs over gloo; nccl is still
+        # the threaded staged transport, which broke NCCL's one-thread contract and stalled
+        # on a GPU (see the README). nccl without CUDA was refused with the other input checks.
         self.transport = "gloo" if g.gemini_transport == "auto" else g.gemini_transport
         self.machine = machine_id()
         distributed_optimizer = cfg.parallel.use_distributed_optimizer
@@ -74,7 +77,9 @@ class Checkpointer:
         self.traffic = TrafficScheduler(g, ps.timeline)
         self._form_topology()
         topo = self.topology
-        self.replicator: Replicator | None = None
+        self.replicator: Replicator | None = None   # --gemini-transport nccl only (threads)
+        self.exchange: Exchange | None = None       # gloo: the training thread's traffic
+        self._sending = None                        # the view pinning the slot being sent
         self.persister: Persister | None = None
         self._window_hook: WindowHook | None = None
         save = cfg.checkpoint.save
@@ -90,6 +95,7 @@ class Checkpointer:
         self._stats: dict = {}
         self.last_record = None
         self._pending = None
+        self._writing = None   # the write handle of this rank's newest snapshot
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemini-commit")
         # On CUDA the snapshot's device-to-host copies run on a side stream while the next
         # iteration's forward and backward run; only its update waits for them (before_update).
@@ -102,7 +108,8 @@ class Checkpointer:
         g, ps = self.cfg.gemini, self.ps
         with peer_failures("GEMINI topology"):
             self.topology = GeminiTopology.gather(ps.rank, ps.world_size, self.machine, self.shard,
-                                                  self.layout.layout_hash, g.gemini_replicas, g.gemini_placement)
+                                                  self.layout.layout_hash, g.gemini_replicas, g.gemini_placement,
+                                                  nbytes=self.layout.nbytes)
         topo = self.topology
         # Checkpoint traffic gets process groups of its own (collective: every rank creates
         # them): gloo for the protocol's small messages, and on GPU one NCCL group per route
@@ -138,7 +145,12 @@ class Checkpointer:
 
     def _start_replication(self) -> None:
         topo = self.topology
-        if topo.routes:
+        if topo.routes and self.transport == "gloo":
+            senders = {i.rank: (i.nbytes, i.layout_hash) for i in topo.infos}
+            self.exchange = Exchange(list(topo.routes), self.ps.rank, self.repl_group, self.store, topo.machine,
+                                     senders, window_hook=self._in_window)
+            self.ps.timeline.on_point = self.exchange.at_point
+        elif topo.routes:
             staged = partial(StagedTransport, self._route_groups, self.ps.device, self.traffic.buffer_bytes,
                              self.traffic.num_buffers) if self.transport == "nccl" else None
             self.replicator = Replicator(list(topo.routes), self.ps.rank, self.repl_group, self.store,
@@ -160,6 +172,11 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - its replication may have failed with the peer
             pass
         self._pending, self._d2h_done = None, None
+        self.ps.timeline.on_point = None
+        if self.exchange is not None:
+            self.exchange.abandon()   # pending sends and receives die with their group
+            self.exchange = None
+        self._unpin_sending()
         stopped = True
         if self.replicator is not None:
             stopped = self.replicator.close(timeout=5.0)
@@ -172,10 +189,10 @@ class Checkpointer:
         topology and traffic groups, then roll back to the newest iteration every shard holds
         in memory, exactly as at a restart. The recovery record."""
         self.ps.timeline.resume()
-        old_routes = self.topology.routes
         self._form_topology()
-        if self.topology.routes != old_routes:
-            self.traffic.replan()   # new peers: the next replicated snapshot plans their traffic
+        # Plan again, whether the peers changed or not: a replacement process starts with
+        # no plan, and every rank must derive the same one (agreement.py).
+        self.traffic.replan()
         record = restore_state(self.topology, self.store, self.state, self.ps, self.job_id,
                                self.cfg.checkpoint.load)
         self._start_replication()
@@ -183,10 +200,69 @@ class Checkpointer:
 
     # ---- every iteration --------------------------------------------------------------
     def after_step(self, iteration: int) -> None:
-        if iteration % self.interval == 0 and self.topology.is_writer:
-            self._snapshot(iteration)
+        self._gemini_step(iteration)
         if self.persistent is not None:
             self.persistent.after_step(iteration)
+
+    def _gemini_step(self, iteration: int) -> None:
+        if iteration % self.interval != 0:
+            return
+        if self.exchange is None:
+            if self.topology.is_writer:
+                self._snapshot(iteration)
+            return
+        # Every rank takes each decision alike (the traffic's moments must agree); only
+        # writers snapshot.
+        t0 = time.perf_counter()
+        traffic, ex = self.traffic, self.exchange
+        replicate = traffic.replicate(iteration)
+        wait_s = 0.0
+        if replicate:
+            wait_s += ex.finish()   # the previous replicated snapshot's deadline
+            self._unpin_sending()
+            if traffic.wants_plan(iteration):
+                self._agree_plan()
+        if self.topology.is_writer:
+            self._snapshot(iteration, replicate=replicate, ship=False)   # sets self._stats
+        else:
+            self._stats = {}
+        if replicate:
+            w = self._writing
+            copied = self._d2h_done   # CUDA: the slot is complete once the side stream copied it
+            ex.begin(iteration, None if w is None else w.buffer, self._sent_record,
+                     partial(self._chunks_of, iteration), blocking=traffic.blocking(iteration),
+                     ready=None if copied is None else copied.synchronize)
+            if traffic.blocking(iteration):
+                wait_s += ex.finish(observe=traffic.observe)
+                self._unpin_sending()
+        self._stats.update(gemini_wait_s=self._stats.get("gemini_wait_s", 0.0) + wait_s,
+                           gemini_blocking_s=time.perf_counter() - t0)
+
+    def _agree_plan(self) -> None:
+        """Collective: the plan's inputs, agreed by all ranks; then every sender's plan."""
+        topo = self.topology
+        with peer_failures("GEMINI plan agreement"):
+            profile = agree_profile(self.traffic.local_profile(), self.repl_group, self.ps.world_size)
+        senders: dict = {}
+        for r in topo.routes:
+            senders.setdefault(r.src_rank, {})[r.dst_machine] = topo.infos[r.src_rank].nbytes
+        self.traffic.adopt(profile, senders, self.ps.rank if self.ps.rank in senders else None)
+
+    def _chunks_of(self, iteration: int, route) -> list:
+        return self.traffic.chunks(route.dst_machine, self.topology.infos[route.src_rank].nbytes, iteration,
+                                   sender=route.src_rank)
+
+    def _sent_record(self):
+        """The commit record of the snapshot being sent (its checksum goes in the trailer)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        return self._sending.record
+
+    def _unpin_sending(self) -> None:
+        if self._sending is not None:
+            self._sending.close()
+            self._sending = None
 
     def before_update(self) -> None:
         """Called just before the optimizer update: the state may change only once the
@@ -195,15 +271,17 @@ class Checkpointer:
             torch.cuda.current_stream(self.ps.device).wait_event(self._d2h_done)
             self._d2h_done = None
 
-    def _snapshot(self, iteration: int) -> None:
+    def _snapshot(self, iteration: int, replicate: bool | None = None, ship: bool = True) -> None:
+        """`ship`: the replicator (threads) sends it; else the exchange, the caller's job."""
         t0 = time.perf_counter()
         # Before the slot can be reused, the previous snapshot must be committed (which may
         # also settle the replication cadence); before a replicated snapshot, the previous
         # replicated one must have reached its peers — its chunks were planned to finish
         # by this snapshot's update, so this wait cannot depend on a future iteration.
         wait_s = self._drain(replication=False)
-        replicate = self.replicator is not None and self.traffic.replicate(iteration)
-        wait_s += self._drain(replication=replicate)
+        if replicate is None:
+            replicate = self.replicator is not None and self.traffic.replicate(iteration)
+        wait_s += self._drain(replication=replicate and ship)
         t1 = time.perf_counter()
         w = self.store.begin_write(self.shard, self.layout.nbytes, self.layout.layout_hash)
         hook = self._window_hook   # set only while a failure injection is armed
@@ -214,12 +292,13 @@ class Checkpointer:
             self.store.abort(w)
             raise
         self._d2h_done = copied
+        self._writing = w
         t2 = time.perf_counter()
         # Checksum + commit record + hand-off to replication/persistence happen off the
         # training thread: the loop is blocked only for the copy into shared memory (on
         # CUDA, only for queueing it).
-        self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate, copied)
-        if replicate and self.traffic.blocking(iteration):
+        self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate, copied, ship)
+        if ship and replicate and self.traffic.blocking(iteration):
             wait_s += self._drain()   # the blocking schedule: the step waits for its traffic
         self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_wait_s": wait_s,
                        "gemini_blocking_s": time.perf_counter() - t0,
@@ -240,7 +319,7 @@ class Checkpointer:
         if hook is not None:
             hook(window, iteration)
 
-    def _commit_and_ship(self, w, iteration: int, replicate: bool, copied=None):
+    def _commit_and_ship(self, w, iteration: int, replicate: bool, copied=None, ship: bool = True):
         if copied is not None:
             t0 = time.perf_counter()
             copied.synchronize()
@@ -248,7 +327,11 @@ class Checkpointer:
         self._in_window("snapshot", iteration)
         rec = self.store.commit(w, iteration)
         self.last_record = rec
-        if replicate:
+        if replicate and not ship:
+            # Pinned until its exchange finishes: a snapshot not replicated meanwhile
+            # (every j-th travels) must not overwrite the slot being sent.
+            self._sending = self.store.open(rec, verify=False)
+        elif replicate:
             self.traffic.maybe_plan(self._peer_bytes, iteration)
             self.replicator.submit(self.store.open(rec, verify=False), self.shard,
                                    chunker=self.traffic.chunks)
@@ -271,8 +354,9 @@ class Checkpointer:
         out = dict(self._stats)
         if self._d2h_wait_s is not None:
             out["gemini_d2h_wait_s"] = self._d2h_wait_s
-        if self.replicator is not None and self.replicator.last_send_s is not None:
-            out["gemini_repl_send_s"] = self.replicator.last_send_s
+        sender = self.replicator or self.exchange
+        if sender is not None and sender.last_send_s is not None:
+            out["gemini_repl_send_s"] = sender.last_send_s
         if self.persister is not None and self.persister.last_persist_s is not None:
             out["gemini_persist_s"] = self.persister.last_persist_s
         if self.persistent is not None:
@@ -330,8 +414,15 @@ class Checkpointer:
         unless that write failed on some rank: then the store is kept (the only copy) and
         the one-line message saying so is returned."""
         self.ps.timeline.release_waiters()   # chunks waiting for a next iteration go now
+        self.ps.timeline.on_point = None
         if clean:
             self._drain()
+            if self.exchange is not None:
+                self.exchange.finish()   # every rank: the last replicated snapshot reaches its peers
+        if self.exchange is not None:
+            self.exchange.abandon()
+            self.exchange = None
+        self._unpin_sending()
         if self.replicator is not None:
             self.replicator.close()
             self.replicator = None

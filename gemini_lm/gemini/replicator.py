@@ -1,4 +1,9 @@
-"""Replicator: copies committed snapshots into peer machines' stores, in the background.
+"""Replicator: copies committed snapshots into peer machines' stores, from threads.
+
+Only `--gemini-transport nccl` still uses it. Its threads issue operations beside the
+training thread's collectives, which NCCL documents as unsafe; the default path is the
+training thread's exchange (exchange.py), and this goes once the exchange has a staged
+NCCL variant verified on a GPU.
 
 Every rank computes the same routes from the placement plan: (shard, sender rank,
 receiver rank). The sender is the rank that writes the shard on its machine; the
@@ -13,8 +18,8 @@ receiver writes chunks straight into the store's slot and commits only after the
 one with the sender's checksum, so a replica is never visible half-written. An
 iteration of -1 in the header ends the stream.
 
-The payload chunks travel on a transport (transport.py): over gloo straight between
-host memory, or on GPU through a reserved device buffer over NCCL.
+The payload chunks travel on a transport (transport.py): on GPU through a reserved
+device buffer over NCCL.
 
 Sending is asynchronous: `submit()` hands a committed slot to the sender thread and
 returns; `wait()` blocks until the previous snapshot is fully sent. The checkpointer
@@ -36,7 +41,6 @@ from gemini_lm.checkpoint.snapshot import as_byte_tensor
 from gemini_lm.errors import ReplicationError
 from gemini_lm.gemini.schedule import fixed_chunks
 from gemini_lm.gemini.topology import Route
-from gemini_lm.gemini.transport import DirectTransport
 from gemini_lm.log import get_logger
 
 log = get_logger(__name__)
@@ -67,10 +71,10 @@ class Replicator:
                  chunk_bytes: int, timeline=None, on_sent: Callable | None = None,
                  transports: Callable | None = None, window_hook: Callable | None = None):
         """`transports()` makes a payload transport (one per thread: a staged one owns
-        its buffer); default: DirectTransport on `group`. `window_hook(window, iteration)`
+        its buffer). `window_hook(window, iteration)`
         runs inside the replication windows, "send" and "receive" (failure injection)."""
         self.rank, self.group, self.store = rank, group, store
-        make = transports or (lambda: DirectTransport(group))
+        make = transports   # required: the staged (NCCL) transport
         self.machine_id, self.chunk_bytes = machine_id, chunk_bytes
         self.timeline, self.on_sent = timeline, on_sent
         self.window_hook = window_hook
@@ -100,7 +104,7 @@ class Replicator:
     def submit(self, view, shard: str, chunker: Callable | None = None) -> None:
         """Send a pinned committed snapshot (store.SnapshotView) to this shard's peers; the
         view is closed once sent. `chunker(peer, nbytes, iteration)` gives the chunks as
-        [(offset, size, when)], when = None (now) or (iteration, seconds into it | None)
+        [(offset, size, when)], when = None (now) or (iteration, timeline point | None)
         for the timeline to wait on; default: fixed-size chunks, sent at once."""
         routes = [r for r in self.out_routes if r.shard == shard]
         if not routes:

@@ -20,6 +20,7 @@ Everything here is pure: the replicator feeds it numbers and executes the plan.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import Counter
@@ -238,6 +239,7 @@ class GapSpread:
     length_iqr_s: list[float] = field(default_factory=list)  # per gap index
     duration_median_s: float | None = None
     duration_iqr_s: float | None = None
+    points: list[int] = field(default_factory=list)   # per gap: the timeline point it begins at
 
     def describe(self) -> str:
         worst = max(self.length_iqr_s, default=0.0)
@@ -275,6 +277,14 @@ def iteration_gaps(timeline: IterationTimeline, update_start_s: float | None = N
     return [(s, e) for s, e in gaps if e - s >= min_gap_s]
 
 
+def gap_points(timeline: IterationTimeline, gaps: Sequence[tuple[float, float]]) -> list[int]:
+    """The timeline point (parallel/timeline.py) at which each gap begins: the number of
+    collectives that had returned by then. Spans are recorded when they return, in program
+    order, so this counts the same collectives on every rank."""
+    ends = sorted(span.end for span in timeline.spans)
+    return [bisect.bisect_right(ends, start + 1e-9) for start, _ in gaps]
+
+
 def gaps_from_timelines(iterations: Sequence[IterationTimeline], min_gap_s: float = 1e-4,
                         update_start_s: float | None = None) -> tuple[list[tuple[float, float]], GapSpread]:
     """Robust gaps across profiled iterations.
@@ -298,4 +308,6 @@ def gaps_from_timelines(iterations: Sequence[IterationTimeline], min_gap_s: floa
     gaps = [(statistics.median(g[i][0] for g in used), statistics.median(g[i][1] for g in used))
             for i in range(count)]
     spread.length_iqr_s = [_iqr([g[i][1] - g[i][0] for g in used]) for i in range(count)]
+    points = [gap_points(it, g) for it, g in zip(iterations, per_iter) if len(g) == count]
+    spread.points = [statistics.median_low(p[i] for p in points) for i in range(count)]
     return gaps, spread

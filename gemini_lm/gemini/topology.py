@@ -34,6 +34,7 @@ class RankInfo:
     machine: str
     shard: str
     layout_hash: str
+    nbytes: int = 0      # its snapshot's size: a receiver sizes the replica's slot with it
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,10 @@ class GeminiTopology:
 
     @classmethod
     def gather(cls, rank: int, world_size: int, machine: str, shard: str, layout_hash: str,
-               replicas: int, strategy: str) -> "GeminiTopology":
+               replicas: int, strategy: str, nbytes: int = 0) -> "GeminiTopology":
         """Collective: every rank publishes its RankInfo on the default group."""
         infos: list = [None] * world_size
-        dist.all_gather_object(infos, RankInfo(rank, machine, shard, layout_hash))
+        dist.all_gather_object(infos, RankInfo(rank, machine, shard, layout_hash, nbytes))
         return cls.from_infos(rank, infos, replicas, strategy)
 
     @property

@@ -1,12 +1,11 @@
-"""Transports: how a replica's payload bytes travel from a sender rank to a receiver rank.
+"""Transports of the threaded replicator (`--gemini-transport nccl` only; the default
+path is the training thread's exchange, exchange.py): how a replica's payload bytes
+travel from a sender rank to a receiver rank.
 
 The replicator owns the protocol (header, chunk sizes, ack, all small messages on its
 gloo group); a transport moves only the payload chunks, in order, gated by the
 interleaving plan.
 
-- DirectTransport (CPU, gloo): the sender's pinned slot is the send buffer and the
-  receiver's store slot is the receive buffer. On a host there is nothing to stage:
-  a bounce buffer would only add a copy.
 - StagedTransport (GPU, NCCL): GEMINI's reserved transfer buffer. Each side reserves R
   bytes on its device, split into p sub-buffers; chunk k goes through sub-buffer k mod p.
   The sender copies host -> sub-buffer on its copy stream and sends from there; the
@@ -17,7 +16,7 @@ interleaving plan.
   behind a receive on one NCCL stream. On CPU the same code runs over gloo with host
   sub-buffers (no streams); the tests use that to check the chunk bookkeeping.
 
-Both return per-chunk timings (bytes, seconds the link was busy with it) for the
+It returns per-chunk timings (bytes, seconds the link was busy with it) for the
 interleaving scheduler's estimate of the bandwidth.
 """
 from __future__ import annotations
@@ -30,30 +29,6 @@ import torch.distributed as dist
 
 Chunks = list  # [(offset, nbytes, when)]; when: None = now, else the timeline moment to wait for
 Gate = Callable[[tuple], None]
-
-
-class DirectTransport:
-    def __init__(self, group):
-        self.group = group
-
-    def send(self, data: torch.Tensor, chunks: Chunks, dst: int, gate: Gate, tag: int) -> list:
-        timings = []
-        for off, n, when in chunks:
-            if when is not None:
-                gate(when)
-            t = time.perf_counter()
-            dist.send(data[off:off + n], dst, group=self.group, tag=tag)
-            timings.append((n, time.perf_counter() - t))
-        return timings
-
-    def recv(self, out: torch.Tensor, sizes: list[int], src: int, tag: int) -> None:
-        off = 0
-        for n in sizes:
-            dist.recv(out[off:off + n], src, group=self.group, tag=tag)
-            off += n
-
-    def close(self) -> None:
-        pass
 
 
 class StagedTransport:

@@ -1,5 +1,5 @@
 """Single-process tests of the traffic scheduler (which snapshots travel, in which chunks,
-at which moment) and of CollectiveTimeline.wait_until (the moment a chunk waits for).
+at which timeline point) and of CollectiveTimeline.wait_until.
 
 The scheduler plans from a profile of iterations; here that profile is written out
 (collectives at fixed offsets) so the plan is exact. The waits use real threads and a
@@ -21,6 +21,7 @@ ALPHA, BANDWIDTH = 1e-4, 1e8            # 100 us per message, 100 MB/s
 # Each profiled iteration: TP all-reduces at 10-20 ms and 50-60 ms, update at 100 ms, end at 120 ms.
 SPANS = [(0.010, 0.020), (0.050, 0.060)]
 GAPS = [(0.0, 0.010), (0.020, 0.050), (0.060, 0.100)]
+POINTS = [0, 1, 2]    # where each gap begins: at the start, after the 1st, after the 2nd collective
 UPDATE_S, ITERATION_S = 0.100, 0.120
 
 
@@ -156,10 +157,11 @@ def test_plan_fills_the_gaps_of_the_next_iteration_and_leaves_the_rest_for_its_u
     assert chunks == in_gaps + leftover                       # gap chunks first, then the rest
     assert all(when[0] == k + 1 for _, _, when in in_gaps)    # snapshot k travels during k+1 ...
     assert all(when == (k + 1, None) for _, _, when in leftover)  # ... the rest when its update begins
-    starts = [when[1] for _, _, when in in_gaps]
-    assert starts == sorted(starts)
-    for start in starts:   # every chunk starts inside a profiled gap, within mu of its length
-        assert any(s - 1e-9 <= start <= s + 0.8 * (e - s) for s, e in GAPS), start
+    points = [when[1] for _, _, when in in_gaps]
+    assert points == sorted(points)
+    # each chunk goes at the timeline point its gap begins at: the iteration's start, or
+    # once the collective before the gap returned
+    assert set(points) <= set(POINTS) and len(set(points)) > 1, points
     m2_leftover = [n for _, n, when in ts.chunks("m2", 10**6, iteration=k) if when[1] is None]
     assert sum(n for _, n, _ in leftover) + sum(m2_leftover) == ts.plan.leftover_bytes
     assert ts.replicate(PROFILE + 2) and ts.replicate(PROFILE + 3)   # every snapshot travels
@@ -188,8 +190,8 @@ def test_a_checkpoint_slower_than_an_iteration_goes_every_j_iterations():
     assert {when[0] for _, _, when in in_gaps} == {k + 1, k + 2, k + 3}   # spread over j iterations
     waits = [when for _, _, when in in_gaps]
     assert waits == sorted(waits)
-    for it, start in waits:    # offsets are into their own iteration, inside its gaps
-        assert any(s - 1e-9 <= start <= s + 0.8 * (e - s) for s, e in GAPS), (it, start)
+    for it, point in waits:    # points of their own iteration, where its gaps begin
+        assert point in POINTS, (it, point)
     assert all(when == (k + j, None) for _, _, when in leftover)   # before update k+j
 
 
@@ -228,23 +230,27 @@ class _Waiter:
         return self.result
 
 
-def test_wait_until_returns_when_the_iteration_is_x_seconds_in():
+def _collective(tl):
+    tl.record("all_reduce", "tp", 64, time.perf_counter(), time.perf_counter())
+
+
+def test_wait_until_returns_when_the_iteration_reaches_a_point():
     tl = CollectiveTimeline()
     tl.begin_iteration(4)
-    early = _Waiter(tl, 5, 0.05)            # iteration 5 has not begun yet
+    early = _Waiter(tl, 5, 0)               # iteration 5 has not begun yet
     time.sleep(0.05)
     assert early.thread.is_alive()
     tl.begin_iteration(5)
-    t0 = time.perf_counter() - tl.now()     # the iteration's start
-    late = _Waiter(tl, 5, 0.08)
-    # Both return while iteration 5 is still running (it never ends or is followed here),
-    # so the offset is what released them, and not before it.
-    assert early.join() is True and late.join() is True
-    assert early.returned_at - t0 >= 0.05
-    assert late.returned_at - t0 >= 0.08
-    assert _Waiter(tl, 5, 0.0).join() is True                 # a moment already past
+    assert early.join() is True             # point 0: the iteration's start
+    late = _Waiter(tl, 5, 2)
+    _collective(tl)
+    time.sleep(0.05)
+    assert late.thread.is_alive()           # one collective returned: point 1, not 2
+    _collective(tl)
+    assert late.join() is True
+    assert _Waiter(tl, 5, 1).join() is True                   # a point already past
     tl.end_iteration()
-    assert _Waiter(tl, 5, 10.0).join() is True                # the iteration is over
+    assert _Waiter(tl, 5, 99).join() is True                  # the iteration is over
 
 
 def test_wait_until_the_update_mark():
@@ -253,7 +259,7 @@ def test_wait_until_the_update_mark():
     w = _Waiter(tl, 1, None)
     time.sleep(0.05)
     assert w.thread.is_alive()              # collectives and gaps go by: still waiting
-    tl.record("all_reduce", "tp", 64, time.perf_counter(), time.perf_counter())
+    _collective(tl)
     time.sleep(0.02)
     assert w.thread.is_alive()
     tl.mark_update()
@@ -265,19 +271,19 @@ def test_wait_until_returns_when_a_later_iteration_starts():
     tl = CollectiveTimeline()
     tl.begin_iteration(1)
     for_update = _Waiter(tl, 1, None)
-    far_offset = _Waiter(tl, 1, 30.0)
+    far_offset = _Waiter(tl, 1, 30)
     time.sleep(0.05)
     assert for_update.thread.is_alive() and far_offset.thread.is_alive()
     tl.end_iteration()
     tl.begin_iteration(2)
     assert for_update.join() is True and far_offset.join() is True
-    assert _Waiter(tl, 1, 30.0).join() is True
+    assert _Waiter(tl, 1, 30).join() is True
 
 
 def test_release_waiters_frees_everyone():
     tl = CollectiveTimeline()
     tl.begin_iteration(1)
-    waiters = [_Waiter(tl, 3, None), _Waiter(tl, 2, 0.0), _Waiter(tl, 1, None)]
+    waiters = [_Waiter(tl, 3, None), _Waiter(tl, 2, 0), _Waiter(tl, 1, None)]
     time.sleep(0.05)
     assert all(w.thread.is_alive() for w in waiters)
     tl.release_waiters()
@@ -292,8 +298,8 @@ def test_wait_until_times_out():
     nothing = _Waiter(tl, 1, None, timeout=0.05)               # no iteration at all
     assert nothing.join() is False and nothing.returned_at - t0 >= 0.05
     tl.begin_iteration(1)
-    # The offset lies an hour out: returning at all (and False) means the timeout ended it.
+    # No collective will return: returning at all (and False) means the timeout ended it.
     t0 = time.perf_counter()
-    far = _Waiter(tl, 1, 3600.0, timeout=0.05)
+    far = _Waiter(tl, 1, 3600, timeout=0.05)
     assert far.join() is False and far.returned_at - t0 >= 0.05
     assert _Waiter(tl, 1, None, timeout=0.0).join() is False

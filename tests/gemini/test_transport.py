@@ -17,7 +17,7 @@ from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.store import MemoryStore
 from gemini_lm.gemini.topology import Route
-from gemini_lm.gemini.transport import DirectTransport, StagedTransport, connect_routes, route_groups
+from gemini_lm.gemini.transport import StagedTransport, connect_routes, route_groups
 from tests.dist import run_ranks
 
 NCCL = torch.cuda.is_available() and dist.is_nccl_available()
@@ -59,10 +59,7 @@ def _exchange_body(rank, world_size, device, kind):
     routes = [Route("s0", 0, 1, "m0", "m1"), Route("s1", 1, 0, "m1", "m0")]
     backend = "nccl" if device == "cuda" else "gloo"
     groups = route_groups(routes, backend, timeout=None)
-    shared = dist.new_group(backend="gloo")   # direct: both directions on one group, told apart by tag
-    make = partial(DirectTransport, shared) if kind == "direct" else \
-        partial(StagedTransport, groups, _device(device),
-                SUB * NBUF, NBUF)
+    make = partial(StagedTransport, groups, _device(device), SUB * NBUF, NBUF)
     sender, receiver = make(), make()
     peer, nbytes = 1 - rank, 5_555 + 1_000 * rank
     data = _payload(rank, nbytes)
@@ -91,11 +88,6 @@ def _exchange_body(rank, world_size, device, kind):
 def test_staged_transport_moves_every_byte_both_ways(tmp_path, device):
     run_ranks(_exchange_body, 2, tmp_path, args=(device, "staged"), backend=_backend(device),
               timeout_s=30)
-
-
-@pytest.mark.slow
-def test_direct_transport_moves_every_byte_both_ways(tmp_path):
-    run_ranks(_exchange_body, 2, tmp_path, args=("cpu", "direct"), timeout_s=30)
 
 
 def test_a_chunk_larger_than_a_sub_buffer_is_refused():

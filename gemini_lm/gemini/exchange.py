@@ -1,0 +1,250 @@
+"""Exchange: replication traffic issued by the training thread itself, at agreed points.
+
+NCCL's contract (and a sane one for any backend): one thread issues every operation of a
+rank, and every rank issues its operations in an order all ranks agree on. So no thread
+of ours sends or receives checkpoint bytes. For each replicated snapshot, every rank
+derives from the same plan (interleave.py, agreement.py) which chunks of which route go
+at which *point* of the iteration (parallel/timeline.py: the iteration's start, after
+its i-th collective, when the update begins), and at each point the training thread
+issues that point's sends and receives as one batch (`batch_isend_irecv`). It never
+waits for them there: their completion is looked at when the next point comes (a
+failure then surfaces at once), and waited for only at the deadline, `finish()`, which
+the checkpointer calls before the next replicated snapshot (or at once, for the
+blocking schedule).
+
+Wire format per route and snapshot: the payload chunks (tag = 1 + chunk index), then a
+trailer (JSON in a uint8 tensor: iteration, nbytes, checksum, layout hash, sender
+machine) with the route's last chunk, and at the deadline the receiver's ack. The
+receiver writes the chunks straight into a store slot and commits only at the deadline,
+after the trailer arrived and checks out: a replica is never visible half-written, and a
+peer lost mid-transfer leaves the slot uncommitted (abandon()). The sender learns its
+snapshot's checksum only once the commit thread has computed it: the trailer is the one
+message that needs it, and goes last.
+
+On CPU the chunks travel straight between host memory over gloo: the sender's slot is
+the send buffer, the receiver's store slot the receive buffer.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from gemini_lm.errors import ReplicationError
+from gemini_lm.gemini.topology import Route
+from gemini_lm.parallel.comm import peer_failures
+
+HEADER_BYTES = 512
+TRAILER_TAG, ACK_TAG = 1 << 24, (1 << 24) + 1   # above any chunk's tag
+NOW, LAST = (-1, -1), (1 << 62, 0)               # step keys: at begin(); at the deadline, after the payload
+
+
+def encode_header(obj: dict) -> torch.Tensor:
+    raw = json.dumps(obj).encode()
+    if len(raw) > HEADER_BYTES:
+        raise ValueError("replication header too large")
+    out = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    out[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return out
+
+
+def decode_header(t: torch.Tensor) -> dict:
+    return json.loads(bytes(t.numpy().tobytes()).rstrip(b"\x00"))
+
+
+def step_key(when) -> tuple:
+    """Sortable key of a chunk's moment: NOW, (iteration, point), update = after every point."""
+    if when is None:
+        return NOW
+    iteration, point = when
+    return (iteration, 1 << 30 if point is None else point)
+
+
+@dataclass
+class _Op:
+    send: bool
+    route: Route
+    tensor: torch.Tensor | Callable[[], torch.Tensor]   # a callable: built when issued (the trailer)
+    tag: int
+
+
+@dataclass
+class _Transfer:
+    """One replicated snapshot: this rank's part in every route it sends or receives on."""
+    iteration: int
+    steps: dict                                  # step key -> [_Op], not issued yet
+    writes: dict = field(default_factory=dict)   # receiving route -> WriteHandle
+    trailers: dict = field(default_factory=dict) # receiving route -> its trailer buffer
+    issued: list = field(default_factory=list)   # [(key, [_Op], [Work])], in issue order
+    in_flight: list = field(default_factory=list)  # works not yet seen complete
+    started: float = field(default_factory=time.perf_counter)
+    send_window_done: bool = False
+    ready: Callable | None = None                # before the first send: the source is complete
+
+
+class Exchange:
+    def __init__(self, routes, rank: int, group, store, machine: str, senders: dict[int, tuple[int, str]],
+                 window_hook: Callable | None = None):
+        """`routes` in the global order; `senders[rank]`: (snapshot bytes, layout hash) of each.
+        `window_hook(window, iteration)` runs inside "send" (some payload issued, the
+        trailer not) and "receive" (payload in, not committed): failure injection."""
+        self.rank, self.group, self.store, self.machine = rank, group, store, machine
+        self.routes = [r for r in routes if rank in (r.src_rank, r.dst_rank)]
+        self.out_routes = [r for r in self.routes if r.src_rank == rank]
+        self.senders, self.window_hook = senders, window_hook
+        self.transfer: _Transfer | None = None
+        self.received: dict[str, int] = {}          # shard -> newest committed replica iteration
+        self.last_send_s: float | None = None
+        self.bytes_sent = 0
+
+    # ---- a snapshot's traffic -------------------------------------------------------------
+    def begin(self, iteration: int, source: torch.Tensor | None, record: Callable | None,
+              chunks_of: Callable[[Route], list], blocking: bool, ready: Callable | None = None) -> None:
+        """Called by every rank at the same point (after the snapshot of `iteration`): plan
+        this rank's sends and receives and issue those due now. `source`: this rank's slot
+        (if it sends); `record()`: its commit record, waited for when the trailer goes;
+        `chunks_of(route)`: [(offset, size, when)]. The trailer goes with the update of the
+        last iteration the chunks use (the commit thread has long computed the checksum by
+        then), or, `blocking`, at the deadline after the payload (its time measures alpha).
+        `ready()`: called before the first send (on CUDA: the slot's copy off the GPU is done)."""
+        assert self.transfer is None, "the previous transfer was not finished"
+        t = self.transfer = _Transfer(iteration, {}, ready=ready)
+        for r in self.routes:
+            sending, (nbytes, layout_hash) = r.src_rank == self.rank, self.senders[r.src_rank]
+            if not sending:
+                t.writes[r] = self.store.begin_write(r.shard, nbytes, layout_hash, pin=False)
+            buf = source if sending else t.writes[r].buffer
+            chunks = chunks_of(r)
+            for k, (off, n, when) in enumerate(chunks):
+                t.steps.setdefault(step_key(when), []).append(_Op(sending, r, buf[off:off + n], 1 + k))
+            last = LAST if blocking else max([step_key(w) for _, _, w in chunks] + [step_key((iteration + 1, None))])
+            if sending:
+                trailer = _trailer(record, iteration, self.machine)
+            else:
+                trailer = t.trailers[r] = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+            t.steps.setdefault(last, []).append(_Op(sending, r, trailer, TRAILER_TAG))
+        self._issue(NOW)
+
+    def at_point(self, iteration: int, point: int | None) -> None:
+        """The training thread reached a point: see whether earlier batches failed, then
+        issue this point's batch, if it has one."""
+        t = self.transfer
+        if t is None:
+            return
+        if t.in_flight:
+            done = [w for w in t.in_flight if w.is_completed()]
+            with peer_failures("GEMINI replication"):
+                for w in done:
+                    w.wait()   # returns at once; raises if it failed: a peer is gone
+            t.in_flight = [w for w in t.in_flight if w not in done]
+        self._issue(step_key((iteration, point)))
+
+    def _issue(self, key) -> None:
+        t = self.transfer
+        ops = t.steps.pop(key, None)
+        if not ops:
+            return
+        if t.ready is not None and any(op.send for op in ops):
+            t.ready()
+            t.ready = None
+        for op in ops:
+            if callable(op.tensor):
+                op.tensor = op.tensor()   # kept on the op: alive until the send completes
+        p2p = [dist.P2POp(dist.isend if op.send else dist.irecv, op.tensor,
+                          op.route.dst_rank if op.send else op.route.src_rank, self.group, op.tag) for op in ops]
+        with peer_failures("GEMINI replication"):
+            works = dist.batch_isend_irecv(p2p)
+        t.issued.append((key, ops, works))
+        t.in_flight.extend(works)
+        if not t.send_window_done and any(op.send for op in ops) and self.window_hook is not None:
+            t.send_window_done = True
+            self.window_hook("send", t.iteration)
+
+    def finish(self, observe: Callable | None = None) -> float:
+        """The deadline: issue what is left, wait for everything, commit the replicas this
+        rank received, exchange acks. Seconds spent. `observe(alpha_s, [(bytes, s)])` gets
+        the send timings (the blocking schedule measures with them)."""
+        t = self.transfer
+        if t is None:
+            return 0.0
+        t0 = time.perf_counter()
+        for key in sorted(k for k in t.steps if k != LAST):   # points that never came
+            self._issue(key)
+        timings, prev = [], t0
+        with peer_failures("GEMINI replication"):
+            for _, ops, works in t.issued:
+                for op, w in zip(ops, works):
+                    w.wait()
+                    now = time.perf_counter()
+                    if op.send and op.tag != TRAILER_TAG:
+                        n = op.tensor.numel()
+                        timings.append((n, now - prev))
+                        self.bytes_sent += n
+                    prev = now
+            t1 = time.perf_counter()
+            tail = len(t.issued)
+            self._issue(LAST)
+            for _, _, works in t.issued[tail:]:
+                for w in works:
+                    w.wait()
+            alpha = time.perf_counter() - t1
+        self._commit_received(t)
+        self._ack(t)
+        if observe is not None and self.out_routes:
+            observe(alpha, timings)
+        self.last_send_s = time.perf_counter() - t.started
+        self.transfer = None
+        return time.perf_counter() - t0
+
+    def _commit_received(self, t: _Transfer) -> None:
+        for r, w in t.writes.items():
+            h = decode_header(t.trailers[r])
+            if (h["iteration"], h["nbytes"]) != (t.iteration, w.nbytes) or h["layout_hash"] != w.layout_hash:
+                raise ReplicationError(f"{r.src_machine} sent {h} for iteration {t.iteration}, "
+                                       f"{w.nbytes} bytes, layout {w.layout_hash}")
+            if self.window_hook is not None:
+                self.window_hook("receive", t.iteration)
+            self.store.commit(w, t.iteration, checksum=h["checksum"], source=h["machine"])
+            self.received[r.shard] = t.iteration
+        t.writes = {}
+
+    def _ack(self, t: _Transfer) -> None:
+        """Receivers tell senders the replica is committed: "sent" then means "complete on the peer"."""
+        ops, bufs = [], []
+        for r in self.routes:
+            sending = r.src_rank == self.rank
+            buf = torch.tensor([-1 if sending else t.iteration], dtype=torch.int64)
+            bufs.append((r, sending, buf))
+            ops.append(dist.P2POp(dist.irecv if sending else dist.isend, buf,
+                                  r.dst_rank if sending else r.src_rank, self.group, ACK_TAG))
+        if not ops:
+            return
+        with peer_failures("GEMINI replication ack"):
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        for r, sending, buf in bufs:
+            if sending and int(buf) != t.iteration:
+                raise ReplicationError(f"{r.dst_machine} acknowledged iteration {int(buf)}, not {t.iteration}")
+
+    # ---- failures and shutdown --------------------------------------------------------------
+    def abandon(self) -> None:
+        """A peer failed: drop the transfer in flight (its group is going away); a replica
+        being received stays uncommitted."""
+        t, self.transfer = self.transfer, None
+        if t is not None:
+            for w in t.writes.values():
+                self.store.abort(w)
+
+
+def _trailer(record: Callable | None, iteration: int, machine: str) -> Callable[[], torch.Tensor]:
+    def build() -> torch.Tensor:
+        rec = record()   # the commit thread's checksum: usually long done by now
+        if rec.iteration != iteration:
+            raise ReplicationError(f"the trailer of iteration {iteration} got the record of {rec.iteration}")
+        return encode_header({"iteration": rec.iteration, "nbytes": rec.nbytes, "checksum": rec.checksum,
+                              "layout_hash": rec.layout_hash, "machine": machine})
+    return build
