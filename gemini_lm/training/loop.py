@@ -94,7 +94,17 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
                                iteration=0, detail=str(exc))
                 return EXIT_RESTART
     marks = [("join", time.time())]   # set-up phases, printed with the first console line
-    ps = initialize_distributed(cfg, inplace.init_process_group if inplace is not None else None)
+    try:
+        ps = initialize_distributed(cfg, inplace.init_process_group if inplace is not None else None)
+    except RuntimeError as exc:
+        if inplace is None or isinstance(exc, ColdFallback):
+            raise
+        # A peer lost while this generation formed its groups (a second failure during a
+        # re-formation): nothing was trained in it; a warm re-fork joins the next one.
+        record_failure(cfg.logging.log_dir, cause="collective_error", rank=inplace.rank, machine=ctx.machine,
+                       iteration=max(ctx.status.get("iteration"), 0),
+                       detail=f"{type(exc).__name__} forming generation {inplace.generation}'s groups: {exc}"[:500])
+        return EXIT_REFORK
     marks.append(("groups", time.time()))
     setup_logging(ps.rank)
     # Built right after rendezvous (its construction time is "rendezvous done"): from here on
