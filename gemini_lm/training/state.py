@@ -57,8 +57,10 @@ class TrainState:
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore in place from tensors produced by `tensors()` (possibly in another process).
         ValueError, before anything changes, unless every tensor this run has (RNG streams
-        aside: a CPU run has no CUDA generator) is there with its shape and dtype."""
-        live = self.tensors()
+        aside: a CPU run has no CUDA generator) is there with its shape and dtype. The optimizer
+        checks its own part: the distributed optimizer takes this rank's slice or the gathered,
+        DP-independent layout, whose names differ from its live ones."""
+        live = {k: v for k, v in self.tensors().items() if not k.startswith("optimizer/")}
         missing = [k for k in live if k not in tensors and not k.startswith("rng/")]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
