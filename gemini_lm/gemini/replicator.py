@@ -28,7 +28,6 @@ A chunker (the interleaving scheduler) decides the chunks and when each may go.
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -39,31 +38,17 @@ import torch.distributed as dist
 
 from gemini_lm.checkpoint.snapshot import as_byte_tensor
 from gemini_lm.errors import ReplicationError
+from gemini_lm.gemini.exchange import HEADER_BYTES, decode_header, encode_header   # one wire format
 from gemini_lm.gemini.schedule import fixed_chunks
 from gemini_lm.gemini.topology import Route
 from gemini_lm.log import get_logger
 
 log = get_logger(__name__)
 
-HEADER_BYTES = 512
 STOP = -1
 # Two machines may replicate to each other: each rank then has a sending and a receiving
 # thread talking to the same peer. Separate tags keep data and acks from crossing.
 DATA_TAG, ACK_TAG = 1, 2
-
-
-def _encode_header(obj: dict) -> torch.Tensor:
-    raw = json.dumps(obj).encode()
-    if len(raw) > HEADER_BYTES:
-        raise ValueError("replication header too large")
-    out = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
-    out[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return out
-
-
-def _decode_header(t: torch.Tensor) -> dict:
-    raw = bytes(t.numpy().tobytes()).rstrip(b"\x00")
-    return json.loads(raw)
 
 
 class Replicator:
@@ -148,7 +133,7 @@ class Replicator:
         header = {"iteration": rec.iteration, "nbytes": rec.nbytes, "checksum": rec.checksum,
                   "layout_hash": rec.layout_hash, "machine": self.machine_id, "chunks": len(chunks)}
         t0 = time.perf_counter()
-        dist.send(_encode_header(header), route.dst_rank, group=self.group, tag=DATA_TAG)
+        dist.send(encode_header(header), route.dst_rank, group=self.group, tag=DATA_TAG)
         dist.send(torch.tensor([n for _, n, _ in chunks], dtype=torch.int64), route.dst_rank,
                   group=self.group, tag=DATA_TAG)
         header_s = time.perf_counter() - t0
@@ -174,7 +159,7 @@ class Replicator:
         while True:
             try:
                 dist.recv(header, route.src_rank, group=self.group, tag=DATA_TAG)
-                h = _decode_header(header)
+                h = decode_header(header)
                 if h["iteration"] == STOP:
                     return
                 sizes = torch.empty(h["chunks"], dtype=torch.int64)
@@ -204,7 +189,7 @@ class Replicator:
         is still running (a peer never sent its stop): its group must then not be destroyed."""
         if self.out_routes:
             self._idle.wait(timeout)
-            stop = _encode_header({"iteration": STOP})
+            stop = encode_header({"iteration": STOP})
             for r in self.out_routes:
                 try:
                     dist.send(stop, r.dst_rank, group=self.group, tag=DATA_TAG)
