@@ -59,6 +59,17 @@ def run_cluster(log_dir: str, corpus: str, *, machines: int = 2, procs_per_machi
     return out
 
 
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def cluster_logs(log_dir: str, tail: int | None = None) -> str:
     """The agents' stderr, which their workers share: every worker's log lines."""
     logs = ""

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,22 +19,12 @@ from gemini_lm.gemini.store import MemoryStore
 from gemini_lm.resilience.events import read_jsonl
 from gemini_lm.resilience.injection import Injection, inject
 from tests.e2e import ROOT, read_recoveries, tiny_gpt_args
-from tests.resilience.cluster import assert_nothing_left
+from tests.resilience.cluster import assert_nothing_left, wait_for
 
 pytestmark = pytest.mark.slow   # spawns processes
 
 CLUSTER = os.path.join(ROOT, "tools", "local_cluster.py")
 INJECT = os.path.join(ROOT, "tools", "inject_failure.py")
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _sigterm_event(log_dir: str) -> dict | None:
@@ -70,13 +59,13 @@ def test_sigterm_by_hand_keeps_a_newer_checkpoint_then_ctrl_c_cleans_up(byte_cor
     with open(out_path, "w") as out_file:
         cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=out_file, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: os.path.exists(os.path.join(log_dir, "cluster.json")), 30, "cluster.json")
+        wait_for(lambda: os.path.exists(os.path.join(log_dir, "cluster.json")), 30, "cluster.json")
         out = subprocess.run([sys.executable, INJECT, "--log-dir", log_dir, "--kind", "sigterm",
                               "--target", "0", "--at-iteration", "5"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout.splitlines()[-1])["kind"] == "sigterm"
-        rec = _wait_for(lambda: read_recoveries(log_dir), 60, "a recovery record")[0]
+        rec = wait_for(lambda: read_recoveries(log_dir), 60, "a recovery record")[0]
         assert rec["failure_kind"] == "sigterm" and rec["source"] == "local"
         assert _sigterm_event(log_dir)["detail"] == "SIGTERM"   # nothing flushed
         assert _tree(save) == before
@@ -109,7 +98,7 @@ def test_sigterm_flushes_the_newest_snapshot_byte_for_byte(byte_corpus, tmp_path
     try:
         inject(log_dir, Injection("hang", 1, at_iteration=5), offset=0, timeout_s=100, source="test")
         inject(log_dir, Injection("sigterm", 0), timeout_s=100, source="test")
-        event = _wait_for(lambda: _sigterm_event(log_dir), 60, "the SIGTERM failure event")
+        event = wait_for(lambda: _sigterm_event(log_dir), 60, "the SIGTERM failure event")
         cluster.send_signal(signal.SIGINT)   # and the frozen rank 1 with it
         cluster.wait(timeout=60)
     finally:

@@ -13,8 +13,8 @@ import pytest
 
 from gemini_lm.resilience import procs
 from tests.e2e import ROOT, read_losses, tiny_gpt_args
-from tests.resilience.cluster import assert_nothing_left, cluster_state
-from tests.resilience.test_local_cluster import CLUSTER, _wait_for
+from tests.resilience.cluster import assert_nothing_left, cluster_state, wait_for
+from tests.resilience.test_local_cluster import CLUSTER
 
 pytestmark = pytest.mark.slow   # spawns a cluster
 
@@ -58,7 +58,7 @@ def test_every_listening_socket_of_a_cluster_is_loopback(byte_corpus, tmp_path):
            *tiny_gpt_args(byte_corpus, log_dir, "--train-iters", "100000")]
     cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: os.path.exists(os.path.join(log_dir, "metrics.jsonl")) and len(read_losses(log_dir)) > 3,
+        wait_for(lambda: os.path.exists(os.path.join(log_dir, "metrics.jsonl")) and len(read_losses(log_dir)) > 3,
                   120, "training to run")
         pids = [cluster.pid, *procs.cluster_processes(cluster_state(log_dir)["cluster_id"])]
         sockets = listening(pids)

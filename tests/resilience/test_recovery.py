@@ -28,7 +28,7 @@ from gemini_lm.resilience.events import read_jsonl
 from tests.e2e import read_losses, read_recoveries
 from tests.resilience.cluster import (assert_no_corrupt_copy_offered, assert_nothing_left,
                                      assert_same_final_state, assert_same_losses, cluster_state, run_cluster,
-                                     store_of)
+                                     store_of, wait_for)
 
 pytestmark = pytest.mark.slow   # spawns processes
 
@@ -58,13 +58,6 @@ def _one_recovery(log_dir: str) -> dict:
     return recs[0]
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _inject_in_turn(log_dir: str, *steps) -> None:
     """(spec, on_paused) pairs, each once the failure before it has been recovered from. The
     target arms itself for an iteration >= N as soon as it trains again, so a slow injector
@@ -73,7 +66,7 @@ def _inject_in_turn(log_dir: str, *steps) -> None:
 
     for i, (spec, on_paused) in enumerate(steps):
         if i:
-            _wait_for(lambda: len(read_recoveries(log_dir)) >= i, 120, f"recovery {i}")
+            wait_for(lambda: len(read_recoveries(log_dir)) >= i, 120, f"recovery {i}")
         inject(log_dir, Injection.parse(spec), offset=metrics_size(log_dir) if i else 0, timeout_s=100,
                source="test", on_paused=on_paused)
 
@@ -199,7 +192,7 @@ def test_whole_cluster_lost_while_persisting_falls_back_to_the_previous_checkpoi
         assert "tp_rank_00.safetensors" in os.listdir(partial)
         # Rank 1 (not stopped) completes its shard of k there: the crash then leaves a stale
         # shard whose sidecar says "done".
-        _wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_01.json")), 60, "rank 1's shard")
+        wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_01.json")), 60, "rank 1's shard")
         cluster = read_cluster(log_dir)
         kill_machine(cluster, next(m for m in cluster["machines"] if m["id"] == "m1"))   # then m0 goes
 
@@ -209,7 +202,7 @@ def test_whole_cluster_lost_while_persisting_falls_back_to_the_previous_checkpoi
         partial, final = os.path.join(save, f"iter_{k:07d}.partial"), os.path.join(save, f"iter_{k:07d}")
         # Rank 0 writes its shard of k and declares it done; a finalizer that counted the
         # crashed run's sidecar of rank 1 would then finalize at once (it polls every 50 ms).
-        _wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_00.json")) or os.path.exists(final),
+        wait_for(lambda: os.path.exists(os.path.join(partial, "tp_rank_00.json")) or os.path.exists(final),
                   10, "rank 0's shard")
         time.sleep(1.5)   # rank 0's collectives wait for rank 1 up to --distributed-timeout-seconds 20
         seen["finalized_without_rank_1"] = os.path.exists(final)
