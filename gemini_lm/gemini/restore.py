@@ -30,7 +30,7 @@ from gemini_lm.checkpoint.persistent import latest_iteration, load_checkpoint
 from gemini_lm.checkpoint.snapshot import SnapshotFormatError, SnapshotLayout, as_byte_tensor, read_tensors
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.recovery_plan import plan_recovery, stale_records
-from gemini_lm.gemini.store import StaleRecordError
+from gemini_lm.gemini.store_view import StaleRecordError
 from gemini_lm.gemini.topology import GeminiTopology
 from gemini_lm.log import get_logger
 from gemini_lm.parallel.comm import peer_failures

@@ -1,26 +1,14 @@
 """MemoryStore: a machine's GEMINI snapshots in shared memory, outliving its workers.
 
-Layout on disk (tmpfs by default, so "disk" is CPU memory):
-
-    <root>/<job_id>/<machine_id>/          mode 0o700
-        tp00.a.bin   tp00.a.commit.json     slot "a": payload + commit record, mode 0o600
-        tp00.b.bin   tp00.b.commit.json     slot "b"
-
-A payload is exactly a safetensors file (see snapshot.py), so persisting it is copying
-the file. A commit record is written atomically (tmp + rename) only after its payload
-is complete, and a writer removes a slot's record before touching its payload, so a
-crash at any point leaves every surviving record pointing at a complete payload.
-
-Writers and readers coordinate with flock(2) on the payload file, which the kernel
-drops when a process dies:
+The files (tmpfs by default, so "disk" is CPU memory) and their commit records are
+store_layout.py's; the reader's pinned view is store_view.py's. Writers and readers
+coordinate with flock(2) on the payload file, which the kernel drops when a process dies:
 
 - A writer (one per shard per machine, the caller ensures it) takes LOCK_EX on the
   slot it rewrites: never the one holding the newest committed iteration, and never
   one a reader holds.
-- A reader (persistence, a peer fetching a replica, recovery) takes LOCK_SH and then
-  re-reads the record: if it is unchanged the payload is committed and stays
-  untouched until the reader closes it, however long that takes. A reader that
-  loses the race gets StaleRecordError and asks for the latest record again.
+- A reader takes LOCK_SH and then re-reads the record (store_view.pin), so a slot it
+  holds stays untouched until it closes it.
 - If readers pin the only reusable slot, the writer uses a spare slot ("c", ...)
   rather than wait, so training never blocks on a slow reader; spares are deleted
   again once unpinned, so a shard steadily occupies two slots.
@@ -29,54 +17,24 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
-import mmap
 import os
-import re
-import stat
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from gemini_lm.checkpoint.checksum import checksum as compute_checksum
-from gemini_lm.checkpoint.checksum import verify as verify_checksum
-from gemini_lm.checkpoint.snapshot import read_tensors
 from gemini_lm.errors import UsageError
 from gemini_lm.gemini.slot import Slot
+from gemini_lm.gemini.store_layout import (SHARD_ID, SLOT_NAMES, CommitRecord, check_id, payload_name,
+                                           payload_slots, read_record, record_name, recorded_slots,
+                                           unlink, write_record)
+from gemini_lm.gemini.store_view import SnapshotView, StaleRecordError, pin
 from gemini_lm.log import get_logger
 from gemini_lm import safefs
 
 log = get_logger(__name__)
-
-SLOT_NAMES = "abcdefgh"        # "a"/"b" in steady state, the rest only while readers pin slots
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_SHARD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")   # no dots: they separate file-name fields
-
-
-class StaleRecordError(RuntimeError):
-    """The slot was reused after its record was read; ask `latest()` again."""
-
-
-@dataclass(frozen=True)
-class CommitRecord:
-    shard: str
-    slot: str
-    iteration: int
-    checksum: str
-    nbytes: int
-    job_id: str
-    layout_hash: str
-    source: str         # "local", or the machine id the replica came from
-    time: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CommitRecord":
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 @dataclass
@@ -90,70 +48,11 @@ class WriteHandle:
     done: bool = False
 
 
-class SnapshotView:
-    """A committed slot pinned for reading; the writer will not reuse it until `close()`.
-
-    `buffer` is a read-only memoryview of the whole safetensors payload. Tensors from
-    `tensors()` are views of it: copy them (or use snapshot.load_into) and never write
-    them; they are invalid after close().
-    """
-
-    def __init__(self, record: CommitRecord, fd: int, mm: mmap.mmap):
-        self.record = record
-        self._fd, self._mm = fd, mm
-        self.buffer = memoryview(mm)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return read_tensors(self.buffer)
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        try:
-            self.buffer.release()
-            self._mm.close()
-        except BufferError:
-            pass   # tensors of it are still alive; the mapping is freed with them
-        os.close(self._fd)
-        self._fd = -1
-
-    def __enter__(self) -> "SnapshotView":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _check_id(kind: str, value: str, pattern: re.Pattern = _ID) -> None:
-    if not isinstance(value, str) or not pattern.fullmatch(value) or value in (".", ".."):
-        raise UsageError(f"invalid {kind} {value!r}: use letters, digits, '_', '-' (no path separators)")
-
-
-def _write_json_atomic(dir_fd: int, name: str, obj: dict, what: str) -> None:
-    """Write, then rename over `name`: a fresh file (O_EXCL), never one planted at the tmp name."""
-    tmp = "." + name + ".tmp"
-    safefs.remove_file(dir_fd, tmp, what)     # a crashed writer's leftover
-    fd = safefs.create_file(dir_fd, tmp, os.O_WRONLY, what)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-        f.flush()   # no fsync: on tmpfs there is nothing below the page cache
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)   # replaces a name, follows nothing
-
-
-def _unlink(dir_fd: int, name: str) -> None:
-    assert dir_fd is not None   # never a name relative to the working directory
-    try:
-        os.unlink(name, dir_fd=dir_fd)   # unlink never follows a link: it removes the name
-    except FileNotFoundError:
-        pass
-
-
 class MemoryStore:
     def __init__(self, root: str, job_id: str, machine_id: str, pin_memory: bool = False):
         """`pin_memory`: page-lock the writer's slot mappings for CUDA (needs a GPU)."""
-        _check_id("job id", job_id)
-        _check_id("machine id", machine_id)
+        check_id("job id", job_id)
+        check_id("machine id", machine_id)
         if pin_memory and not torch.cuda.is_available():
             raise UsageError("pinned snapshot slots need CUDA")
         self.job_id, self.machine_id, self.pin_memory = job_id, machine_id, pin_memory
@@ -189,59 +88,23 @@ class MemoryStore:
 
     def payload_path(self, record: CommitRecord) -> str:
         """The file holding `record`'s bytes (for tools and tests that inspect or damage it)."""
-        return os.path.join(self.path, self._payload_name(record.shard, record.slot))
-
-    @staticmethod
-    def _payload_name(shard: str, slot: str) -> str:
-        return f"{shard}.{slot}.bin"
-
-    @staticmethod
-    def _record_name(shard: str, slot: str) -> str:
-        return f"{shard}.{slot}.commit.json"
-
-    def _what(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        return os.path.join(self.path, payload_name(record.shard, record.slot))
 
     def _read_record(self, shard: str, slot: str) -> CommitRecord | None:
-        """The slot's record if it is intact and matches its payload file, else None."""
         dfd = self._dir()
-        if dfd is None:
-            return None
-        name, payload = self._record_name(shard, slot), self._payload_name(shard, slot)
-        try:
-            fd = safefs.open_file(dfd, name, os.O_RDONLY, self._what(name))
-        except FileNotFoundError:
-            return None
-        try:
-            with os.fdopen(fd) as f:
-                rec = CommitRecord.from_dict(json.load(f))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        st = safefs.lstat_entry(dfd, payload)
-        if st is None:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{self._what(payload)}: not a regular file; the store never follows a link")
-        ok = (rec.shard, rec.slot, rec.job_id, rec.nbytes) == (shard, slot, self.job_id, st.st_size)
-        return rec if ok else None
+        return None if dfd is None else read_record(dfd, self.path, self.job_id, shard, slot)
 
     def _listdir(self) -> list[str]:
         dfd = self._dir()
         return [] if dfd is None else os.listdir(dfd)
 
-    def _slot_names(self, shard: str) -> set[str]:
-        return {n.split(".")[1] for n in self._listdir()
-                if n.startswith(shard + ".") and n.endswith(".bin") and n.count(".") == 2}
-
     def records(self, shard: str | None = None) -> list[CommitRecord]:
         """Every committed slot (older iterations too), sorted by shard then iteration."""
         out = []
-        for name in self._listdir():
-            parts = name.split(".")
-            if len(parts) == 4 and parts[2:] == ["commit", "json"] and shard in (None, parts[0]):
-                rec = self._read_record(parts[0], parts[1])
-                if rec is not None:
-                    out.append(rec)
+        for rec_shard, slot in recorded_slots(self._listdir(), shard):
+            rec = self._read_record(rec_shard, slot)
+            if rec is not None:
+                out.append(rec)
         return sorted(out, key=lambda r: (r.shard, r.iteration, r.time))
 
     def latest(self, shard: str) -> CommitRecord | None:
@@ -269,8 +132,8 @@ class MemoryStore:
     def _slot(self, shard: str, slot: str) -> Slot:
         s = self._slots.get((shard, slot))
         if s is None:
-            name = self._payload_name(shard, slot)
-            fd = safefs.open_or_create_file(self._dir(create=True), name, os.O_RDWR, self._what(name))
+            name = payload_name(shard, slot)
+            fd = safefs.open_or_create_file(self._dir(create=True), name, os.O_RDWR, os.path.join(self.path, name))
             s = self._slots[(shard, slot)] = Slot(fd)
         return s
 
@@ -285,7 +148,7 @@ class MemoryStore:
         records = self.records(shard)
         committed = {r.slot: r.iteration for r in records}
         newest = records[-1].slot if records else None
-        names = self._slot_names(shard)
+        names = payload_slots(self._listdir(), shard)
         for name in SLOT_NAMES:
             if len(names) >= 2:
                 break
@@ -297,7 +160,7 @@ class MemoryStore:
         """Take a slot for a new snapshot of `shard` and un-commit it; fill `.buffer`, then commit().
         `pin=False`: never page-lock it (a replica from a peer: no device reads or writes it,
         and registering memory mid-training can stall the device)."""
-        _check_id("shard id", shard, _SHARD_ID)
+        check_id("shard id", shard, SHARD_ID)
         with self._lock:
             if shard in self._writing:
                 raise RuntimeError(f"{shard}: a write is already in progress")
@@ -311,7 +174,7 @@ class MemoryStore:
             else:
                 raise RuntimeError(f"{shard}: every slot is pinned by readers")
             try:
-                _unlink(self._dir(create=True), self._record_name(shard, slot))   # from here on a crash leaves no record for this slot
+                unlink(self._dir(create=True), record_name(shard, slot))   # from here on a crash leaves no record for this slot
                 self._map(s, nbytes, pin)
             except BaseException:
                 fcntl.flock(s.fd, fcntl.LOCK_UN)
@@ -336,8 +199,7 @@ class MemoryStore:
                            nbytes=w.nbytes, job_id=self.job_id, layout_hash=w.layout_hash,
                            source=source, time=time.time())
         with self._lock:
-            name = self._record_name(w.shard, w.slot)
-            _write_json_atomic(self._dir(create=True), name, rec.to_dict(), self._what(name))
+            write_record(self._dir(create=True), self.path, rec)
             self._finish(w, s)
             self._reclaim_spares(w.shard)
         return rec
@@ -355,7 +217,7 @@ class MemoryStore:
 
     def _reclaim_spares(self, shard: str) -> None:
         """Back to two slots: delete slots other than the two newest that no reader pins."""
-        names = self._slot_names(shard)
+        names = payload_slots(self._listdir(), shard)
         if len(names) <= 2:
             return
         keep = {r.slot for r in self.records(shard)[-2:]}
@@ -367,8 +229,8 @@ class MemoryStore:
                 fcntl.flock(s.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            _unlink(self._dir(create=True), self._record_name(shard, slot))
-            _unlink(self._dir(create=True), self._payload_name(shard, slot))
+            unlink(self._dir(create=True), record_name(shard, slot))
+            unlink(self._dir(create=True), payload_name(shard, slot))
             s.close()   # closing drops the lock
             del self._slots[(shard, slot)]
             names.discard(slot)
@@ -376,14 +238,14 @@ class MemoryStore:
     def discard(self, shard: str, slot: str) -> None:
         """Un-commit a slot (e.g. a snapshot newer than the iteration a recovery agreed on,
         left by the failed timeline). Its payload is reused by the next write."""
-        _check_id("shard id", shard, _SHARD_ID)
+        check_id("shard id", shard, SHARD_ID)
         with self._lock:
             if self._dir() is not None:
-                _unlink(self._dir(create=True), self._record_name(shard, slot))
+                unlink(self._dir(create=True), record_name(shard, slot))
 
     def prepare(self, shard: str, nbytes: int) -> None:
         """Create and pre-fault both slots of `shard` ahead of the first snapshot (optional)."""
-        _check_id("shard id", shard, _SHARD_ID)
+        check_id("shard id", shard, SHARD_ID)
         with self._lock:
             committed = {r.slot for r in self.records(shard)}
             for slot in SLOT_NAMES[:2]:
@@ -418,33 +280,7 @@ class MemoryStore:
     def open(self, record: CommitRecord, verify: bool = True) -> SnapshotView:
         """Pin a committed slot for reading; raises StaleRecordError if it was reused meanwhile
         and CorruptSnapshotError if its bytes do not match the record's checksum."""
-        name = self._payload_name(record.shard, record.slot)
-        try:
-            dfd = self._dir()
-            if dfd is None:
-                raise FileNotFoundError(name)
-            fd = safefs.open_file(dfd, name, os.O_RDONLY, self._what(name))
-        except FileNotFoundError:
-            raise StaleRecordError(f"{record.shard}.{record.slot}: payload is gone") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StaleRecordError(f"{record.shard}.{record.slot}: being rewritten") from None
-            if self._read_record(record.shard, record.slot) != record:
-                raise StaleRecordError(f"{record.shard}.{record.slot}: no longer holds iteration {record.iteration}")
-            view = SnapshotView(record, fd, mmap.mmap(fd, record.nbytes, access=mmap.ACCESS_READ))
-        except BaseException:
-            os.close(fd)
-            raise
-        if verify:
-            try:
-                verify_checksum(view.buffer, record.checksum,
-                       what=f"{self.path}/{record.shard}.{record.slot} iteration {record.iteration}")
-            except BaseException:
-                view.close()
-                raise
-        return view
+        return pin(self._dir(), self.path, self.job_id, record, verify)
 
     def open_latest(self, shard: str, verify: bool = True, attempts: int = 10) -> SnapshotView | None:
         """Pin the newest committed snapshot of `shard`, or None if there is none."""

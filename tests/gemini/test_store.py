@@ -12,7 +12,9 @@ from gemini_lm.checkpoint.checksum import CorruptSnapshotError, checksum
 from gemini_lm.checkpoint.files import write_file_atomic
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
-from gemini_lm.gemini.store import CommitRecord, MemoryStore, StaleRecordError
+from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.gemini.store_layout import CommitRecord
+from gemini_lm.gemini.store_view import StaleRecordError
 
 
 def _state(iteration: int) -> dict[str, torch.Tensor]:

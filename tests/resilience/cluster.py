@@ -118,7 +118,7 @@ def store_of(log_dir: str, machine: str, shards: tuple[str, ...] | None = None) 
     state = cluster_state(log_dir)
     path = os.path.join(state["store_root"], state["job_id"], machine)
     assert os.path.isdir(path), f"{machine} has no memory store"
-    from gemini_lm.gemini.store import StaleRecordError
+    from gemini_lm.gemini.store_view import StaleRecordError
 
     store = MemoryStore(state["store_root"], state["job_id"], machine)
     try:
