@@ -24,11 +24,18 @@ gets exactly the bits the whole tensor would (tests/training/test_distrib_optimi
 
 State layouts:
   state_tensors()               this rank's slice (`optimizer/shard/...`): what the GEMINI
-                                snapshot holds, unique per DP rank
+                                snapshot holds, unique per DP rank. Its `master` is the
+                                fp32 masters of the owned range for every precision (fp32:
+                                a view of the param buffer, which is its own master), so
+                                the slices determine the params and the snapshot holds none
+                                (training/state.py)
   state_tensors(gathered=True)  collective over DP: the plain optimizer's names and shapes,
                                 independent of the DP size (persistent checkpoints), so a
                                 run can --load it with another DP size or without the flag
-load_state_tensors() takes either.
+  gathered_from_slices()        the same from every rank's slice, without a collective
+                                (the SIGTERM flush, gemini/flush.py)
+load_state_tensors() takes either layout. From a slice it also sets the params: owned
+pieces from the masters, the rest by the all-gather, so every DP rank must load at once.
 """
 from __future__ import annotations
 
