@@ -5,9 +5,13 @@ Both variants are built in every rank (same GPT, same batch per rank) and altern
 by step, so machine noise hits both alike. A step is what train_step does: zero the grad
 buffer, forward, backward, DP gradient sync, optimizer step (clipping on; with the flag:
 AdamW on the owned shard, then the all-gather of the updated params). A step's time is
-the slowest rank's. State bytes are every optimizer-side tensor a GEMINI snapshot holds
-(masters, moments, steps: `state_tensors()`), per rank. Targets (issue 16): state
-divided by the DP size within 5%, step time <= 1.05x.
+the slowest rank's. State bytes are the optimizer's own memory per rank (masters, moments,
+steps: `state_tensors()`, less the fp32 param slice the distributed one lists as its
+masters, which is the params' memory). Snapshot bytes are the rank's whole GEMINI snapshot
+(TrainState.tensors() as laid out in the memory store: params, optimizer, schedule, RNG,
+progress), which is also what each of its peers receives and stores per replica. Without
+the flag every DP rank's snapshot is the whole state; with it, its slice and no params.
+Targets (issue 16): state divided by the DP size within 5%, step time <= 1.05x.
 
 Prints a table; the last line is one JSON object.
 
@@ -27,12 +31,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.models.config import TransformerConfig, pad_vocab_size
 from gemini_lm.models.gpt import GPTModel, gpt_forward_step
 from gemini_lm.parallel.data_parallel import DistributedDataParallel
 from gemini_lm.parallel.random import model_parallel_seed
 from gemini_lm.parallel.state import ParallelState
+from gemini_lm.training.lr_schedule import OptimizerParamScheduler
 from gemini_lm.training.optimizer import build_optimizer
+from gemini_lm.training.state import TrainProgress, TrainState
 
 VARIANTS = {"plain": False, "distributed": True}
 
@@ -58,13 +65,22 @@ def _build(args, ps, distributed: bool):
                                max_position_embeddings=args.seq_length,
                                vocab_size=pad_vocab_size(args.vocab_size, 128, 1), orig_vocab_size=args.vocab_size,
                                hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(config, ps, model_parallel_seed(1234, ps)).train()
+    tracker = model_parallel_seed(1234, ps)
+    model = GPTModel(config, ps, tracker).train()
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
     ddp = DistributedDataParallel(model, ps, use_distributed_optimizer=distributed)
     opt = build_optimizer(model, ps, lr=1e-4, clip_grad=1.0, precision=args.precision, ddp=ddp,
                           use_distributed_optimizer=distributed)
-    return model, ddp, opt
+    state = TrainState(model, opt, OptimizerParamScheduler(opt, max_lr=1e-4, lr_decay_iters=100), tracker, ps,
+                       TrainProgress(), {})
+    return model, ddp, opt, state
+
+
+def _optimizer_bytes(opt, ddp) -> int:
+    params = ddp.param_buffer
+    return sum(t.numel() * t.element_size() for t in opt.state_tensors().values()
+               if params is None or t.untyped_storage().data_ptr() != params.untyped_storage().data_ptr())
 
 
 def _rank(rank: int, world_size: int, args, init_file: str, queue) -> None:
@@ -78,13 +94,14 @@ def _rank(rank: int, world_size: int, args, init_file: str, queue) -> None:
         batch = {"tokens": torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
                                          generator=gen)}
         runs = {name: _build(args, ps, flag) for name, flag in VARIANTS.items()}
-        state_bytes = {name: sum(t.numel() * t.element_size() for t in opt.state_tensors().values())
-                       for name, (_, _, opt) in runs.items()}
+        state_bytes = {name: _optimizer_bytes(opt, ddp) for name, (_, ddp, opt, _) in runs.items()}
+        snapshot_bytes = {name: SnapshotLayout.build(state.tensors(), state.metadata).nbytes
+                          for name, (*_, state) in runs.items()}
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         losses: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for rep in range(args.warmup + args.reps):
             for name in (list(VARIANTS) if rep % 2 == 0 else list(reversed(VARIANTS))):
-                model, ddp, opt = runs[name]
+                model, ddp, opt, _ = runs[name]
                 dist.barrier()
                 t0 = time.perf_counter()
                 ddp.zero_grad_buffer()
@@ -97,11 +114,12 @@ def _rank(rank: int, world_size: int, args, init_file: str, queue) -> None:
                 losses[name].append(float(loss.detach()))
                 if rep >= args.warmup:
                     times[name].append(t.item())
-        bytes_all = [None] * world_size
+        bytes_all, snapshots_all = [None] * world_size, [None] * world_size
         dist.all_gather_object(bytes_all, state_bytes)
+        dist.all_gather_object(snapshots_all, snapshot_bytes)
         if rank == 0:
             queue.put({"step_s": {n: statistics.median(ts) for n, ts in times.items()},
-                       "state_bytes": bytes_all, "same_losses": losses["plain"] == losses["distributed"],
+                       "state_bytes": bytes_all, "snapshot_bytes": snapshots_all, "same_losses": losses["plain"] == losses["distributed"],
                        "params": sum(p.numel() for p in runs["plain"][0].parameters())})
     finally:
         dist.destroy_process_group()
@@ -125,13 +143,18 @@ def main(argv=None) -> None:
     print(f"GPT {args.num_layers} layers, hidden {args.hidden_size}, seq {args.seq_length}, batch "
           f"{args.micro_batch_size}/rank, {res['params'] / 1e6:.1f}M params, {args.precision}, DP={args.dp}; "
           f"median of {args.reps} steps, torch {torch.__version__}")
-    print(f"{'optimizer':<14}{'state MB/rank':>15}{'step s':>10}")
+    snap = {name: max(b[name] for b in res["snapshot_bytes"]) for name in VARIANTS}
+    print(f"{'optimizer':<14}{'state MB/rank':>15}{'snapshot MB/rank':>18}{'step s':>10}")
     for name in VARIANTS:
         mb = max(b[name] for b in res["state_bytes"]) / 2 ** 20
-        print(f"{name:<14}{mb:>15.2f}{step[name]:>10.4f}")
+        print(f"{name:<14}{mb:>15.2f}{snap[name] / 2 ** 20:>18.2f}{step[name]:>10.4f}")
+    print(f"{'ratio':<14}{dist_max / plain:>15.3f}{snap['distributed'] / snap['plain']:>18.3f}"
+          f"{step['distributed'] / step['plain']:>10.3f}")
     out = {"dp": args.dp, "precision": args.precision, "params": res["params"],
            "plain_state_bytes_per_rank": plain, "distributed_state_bytes_per_rank": dist_max,
            "state_ratio": round(dist_max / plain, 4), "state_ratio_target": round(1 / args.dp, 4),
+           "plain_snapshot_bytes_per_rank": snap["plain"], "distributed_snapshot_bytes_per_rank": snap["distributed"],
+           "snapshot_ratio": round(snap["distributed"] / snap["plain"], 4),
            "plain_step_s": round(step["plain"], 4), "distributed_step_s": round(step["distributed"], 4),
            "step_time_ratio": round(step["distributed"] / step["plain"], 3),
            "losses_bit_identical": res["same_losses"]}

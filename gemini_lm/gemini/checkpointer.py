@@ -22,12 +22,13 @@ its own shard (tp00dp01, ...), snapshots and replicates it, and recovery fetches
 any other shard. Persistent checkpoints then need the slices gathered into the DP-size-
 independent layout, a collective over DP: they are written by the non-GEMINI path
 (training/checkpointing.py, --async-save or blocking; handed in as `persistent`) on the
-training thread instead of from a slot, and a SIGTERM flush has nothing it could write alone.
+training thread instead of from a slot. The SIGTERM flush cannot run that collective: it
+computes the gathered layout from the slices in its machine's store (flush.py).
+A snapshot then holds no params (training/state.py): nothing in it is on another rank.
 """
 from __future__ import annotations
 
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -36,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from gemini_lm.checkpoint.files import Throttle, describe
-from gemini_lm.checkpoint.naming import shard_id, shard_ids
-from gemini_lm.checkpoint.persistent import check_writable, discard_partial, latest_iteration, remove_partial_dirs
+from gemini_lm.checkpoint.naming import shard_id
+from gemini_lm.checkpoint.persistent import check_writable, remove_partial_dirs
 from gemini_lm.checkpoint.protocol import WindowHook
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
 from gemini_lm.errors import UsageError
@@ -47,6 +48,7 @@ from gemini_lm.gemini.interleave import TrafficScheduler
 from gemini_lm.gemini.persist import Persister
 from gemini_lm.gemini.replicator import Replicator
 from gemini_lm.gemini.restore import restore_state
+from gemini_lm.gemini.flush import flush_slices, flush_snapshot
 from gemini_lm.gemini.store import MemoryStore
 from gemini_lm.gemini.store_admin import describe_size, usage
 from gemini_lm.gemini.topology import GeminiTopology, machine_id
@@ -127,7 +129,7 @@ class Checkpointer:
         topo = self.topology
         if self.ps.rank == 0 and topo.placement.notes:   # what the flags became here, e.g. a clamped m
             log.info("GEMINI placement: " + "; ".join(topo.placement.notes))
-        if self.persister is not None and self.persister.finalizer:
+        if self.cfg.checkpoint.save and self.ps.rank == 0:   # the finalizer, persister's or flush's
             # Before the restore's collectives: no rank of this run persists before they end,
             # and every process of the crashed run is gone (torchrun stopped them all).
             stale = remove_partial_dirs(self.cfg.checkpoint.save)
@@ -376,37 +378,19 @@ class Checkpointer:
 
     # ---- preemption -------------------------------------------------------------------
     def flush(self, timeout_s: float) -> int | None:
-        """Write this rank's newest complete snapshot to --save; the iteration, or None if
-        nothing to do. Runs on the signal thread while training may be blocked.
-
-        Only ranks with a persister (DP rank 0 of each TP shard) write; global rank 0 also
-        finalizes, waiting at most `timeout_s` for the other TP shards. TP shards pick the
-        same iteration when their machine's store holds them all (the newest iteration
-        committed for every shard there); otherwise each writes its own newest and, if they
-        disagree, the checkpoint is not finalized and the previous one stays the newest.
-        """
-        persister = self.persister
-        if persister is None:
+        """Write the newest complete state in this machine's store to --save; the iteration,
+        or None if nothing to do. Runs on the signal thread while training may be blocked,
+        so no collective (flush.py): DP rank 0 of each TP shard writes its file, global rank 0
+        also finalizes, waiting at most `timeout_s` for the other TP shards."""
+        if self.persistent is not None:   # the distributed optimizer: from every DP rank's slice
+            deadline = time.monotonic() + timeout_s
+            self.persistent.wait_background(timeout_s / 2)   # a save in flight must not race ours
+            return flush_slices(self.store, self.state, self.ps, self.cfg.checkpoint.save,
+                                self.cfg.checkpoint.save_keep, max(1.0, deadline - time.monotonic()),
+                                self.throttle)
+        if self.persister is None:
             return None
-        own = sorted(self.store.records(self.shard), key=lambda r: -r.iteration)
-        if not own:
-            return None
-        have = {s: {r.iteration for r in self.store.records(s)} for s in shard_ids(self.ps.tp_size)}
-        common = [r for r in own if all(r.iteration in its for its in have.values())]
-        rec = (common or own)[0]
-        done = latest_iteration(persister.save_dir)
-        if done is not None and done >= rec.iteration:
-            return None
-        deadline = time.monotonic() + timeout_s
-        waiter = threading.Thread(target=persister.wait, daemon=True)   # a persist already running
-        waiter.start()
-        waiter.join(timeout_s / 2)
-        try:
-            persister.persist(rec, finalize_timeout_s=max(1.0, deadline - time.monotonic()))
-        except BaseException:
-            discard_partial(persister.save_dir, rec.iteration)   # the store keeps it; no .partial left
-            raise
-        return rec.iteration
+        return flush_snapshot(self.store, self.persister, self.shard, self.ps.tp_size, timeout_s)
 
     # ---- shutdown ---------------------------------------------------------------------
     def close(self, iteration: int, clean: bool) -> str | None:

@@ -216,6 +216,12 @@ class PersistentCheckpointer:
     def flush(self, timeout_s: float) -> int | None:
         return None   # a save is collective: it cannot run from a signal thread; --save-interval it is
 
+    def wait_background(self, timeout_s: float) -> None:
+        """Wait at most `timeout_s` for an --async-save write in flight (any thread may call it)."""
+        thread = self.saver._thread if self.saver is not None else None
+        if thread is not None:
+            thread.join(timeout_s)
+
     def set_window_hook(self, hook) -> None:
         if self.saver is not None:
             self.saver.window_hook = hook   # the background write is the "persist" window

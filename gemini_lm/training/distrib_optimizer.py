@@ -24,11 +24,18 @@ gets exactly the bits the whole tensor would (tests/training/test_distrib_optimi
 
 State layouts:
   state_tensors()               this rank's slice (`optimizer/shard/...`): what the GEMINI
-                                snapshot holds, unique per DP rank
+                                snapshot holds, unique per DP rank. Its `master` is the
+                                fp32 masters of the owned range for every precision (fp32:
+                                a view of the param buffer, which is its own master), so
+                                the slices determine the params and the snapshot holds none
+                                (training/state.py)
   state_tensors(gathered=True)  collective over DP: the plain optimizer's names and shapes,
                                 independent of the DP size (persistent checkpoints), so a
                                 run can --load it with another DP size or without the flag
-load_state_tensors() takes either.
+  gathered_from_slices()        the same from every rank's slice, without a collective
+                                (the SIGTERM flush, gemini/flush.py)
+load_state_tensors() takes either layout. From a slice it also sets the params: owned
+pieces from the masters, the rest by the all-gather, so every DP rank must load at once.
 """
 from __future__ import annotations
 
@@ -68,6 +75,9 @@ class DistributedOptimizer(MegatronOptimizer):
         low_precision = named_params[0][1].dtype != torch.float32
         f32 = {"dtype": torch.float32, "device": self.device}
         self._master = torch.empty(n, **f32) if low_precision else None
+        # The slice's fp32 masters as one flat tensor: an fp32 param is its own master, so
+        # there it is the owned range of the param buffer itself (a view, no copy).
+        self._flat_master = self._master if low_precision else ddp.param_buffer[self._lo:self._hi]
         self._exp_avg, self._exp_avg_sq = torch.zeros(n, **f32), torch.zeros(n, **f32)
 
         self._pieces: list[_Piece] = []
@@ -155,8 +165,7 @@ class DistributedOptimizer(MegatronOptimizer):
         else:
             out[SHARD + "range"] = torch.tensor([self._lo, self._hi, self.ddp.grad_buffer.numel()],
                                                 dtype=torch.int64)
-            if self._master is not None:
-                out[SHARD + "master"] = self._master
+            out[SHARD + "master"] = self._flat_master   # the params' owned range follows from it
             out[SHARD + "exp_avg"] = self._exp_avg
             out[SHARD + "exp_avg_sq"] = self._exp_avg_sq
             out[SHARD + "step"] = self._step_counter()
@@ -179,10 +188,9 @@ class DistributedOptimizer(MegatronOptimizer):
             if got != mine:
                 raise ValueError(f"optimizer shard covers {got}, this rank owns {mine} "
                                  "(another data-parallel size or model)")
-            for kind, dst in (("master", self._master), ("exp_avg", self._exp_avg),
+            for kind, dst in (("master", self._flat_master), ("exp_avg", self._exp_avg),
                               ("exp_avg_sq", self._exp_avg_sq)):
-                if dst is not None:
-                    _copy(SHARD + kind, tensors[SHARD + kind], dst)
+                _copy(SHARD + kind, tensors[SHARD + kind], dst)
             steps = [tensors[SHARD + "step"]] * len(self._pieces)
         else:
             steps = []
@@ -206,13 +214,51 @@ class DistributedOptimizer(MegatronOptimizer):
         if self._master is not None:   # the model's owned pieces from the masters, as the plain one
             for x in self._pieces:
                 self._params[x.index][1].detach().view(-1)[x.start:x.end].copy_(x.master)
+        if shard:   # the slice carries no params: every rank's owned pieces make them whole
+            self._all_gather_params()
+
+    def restores_params(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether loading `tensors` (optimizer state) also sets the params: this rank's slice
+        does (collectively over DP); the gathered layout does not, the model's own entries do."""
+        return SHARD + "range" in tensors
+
+    def param_names_from_masters(self) -> list[str]:
+        """The params this rank's slice determines (with every other DP rank's): all of them."""
+        return [name for name, _, _ in self._params]
+
+    def gathered_from_slices(self, slices: list[dict[str, torch.Tensor]]
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the params by name, state_tensors(gathered=True)) from every DP rank's
+        state_tensors(), in DP rank order, without a collective: the SIGTERM flush puts a
+        persistent checkpoint together from slices it reads in a memory store. Pure: the
+        slices and this rank's DDP layout (the same on every DP rank) say it all."""
+        total = self.ddp.grad_buffer.numel()
+        want = [[*self.ddp.shard_range(r), total] for r in range(self.ps.dp_size)]
+        got = [s[SHARD + "range"].tolist() for s in slices]
+        if got != want:
+            raise ValueError(f"optimizer slices cover {got}, this layout has {want}")
+        flats = {kind: torch.cat([s[SHARD + kind] for s in slices]) for kind in ("master", "exp_avg", "exp_avg_sq")}
+        step = slices[0][SHARD + "step"]
+        params, out = {}, {}
+        for name, p, _ in self._params:
+            start, end = self.ddp.param_range[id(p)]
+            # As the step copies masters into low-precision params: the same rounding.
+            params[name] = flats["master"][start:end].view(p.shape).to(p.dtype)
+            for kind in ("master", "exp_avg", "exp_avg_sq"):
+                if kind != "master" or self._master is not None:
+                    out[f"optimizer/{kind}/{name}"] = flats[kind][start:end].view(p.shape)
+            out[f"optimizer/step/{name}"] = step.clone()
+        if self.grad_scaler is not None:   # the same on every DP rank (the inf check is all-reduced)
+            keys = [f"optimizer/grad_scaler/{k}" for k in self.grad_scaler.state_tensors()]
+            out.update({k: slices[0][k] for k in keys})
+        return params, out
 
     def _own_keys(self, shard: bool) -> set[str]:
         scaler = {f"optimizer/grad_scaler/{k}" for k in self.grad_scaler.state_tensors()} \
             if self.grad_scaler is not None else set()
         kinds = ["exp_avg", "exp_avg_sq", "step"] + (["master"] if self._master is not None else [])
         if shard:
-            return {SHARD + k for k in kinds + ["range"]} | scaler
+            return {SHARD + k for k in ["exp_avg", "exp_avg_sq", "step", "master", "range"]} | scaler
         return {f"optimizer/{k}/{name}" for k in kinds for name, _, _ in self._params} | scaler
 
 

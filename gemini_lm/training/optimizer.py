@@ -247,6 +247,15 @@ class MegatronOptimizer:
                         for k, v in self.grad_scaler.state_tensors().items()})
         return out
 
+    def restores_params(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether load_state_tensors(tensors) sets the params too (see the distributed optimizer)."""
+        return False
+
+    def param_names_from_masters(self) -> list[str]:
+        """Params that state_tensors() determines, so a rank's own state need not hold them:
+        none here (the distributed optimizer: all)."""
+        return []
+
     @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore from `state_tensors()` output, in place; also refreshes the model params

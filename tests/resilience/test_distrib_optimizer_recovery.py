@@ -1,17 +1,26 @@
 """GEMINI with --use-distributed-optimizer: real machines, real signals, bit for bit.
 
 DP=2 over 2 machines x 1 worker (TP=1): each machine's snapshot holds an optimizer slice
-no other rank has, so a lost machine's slice exists only as its peer's replica.
+no other rank has (and no params: they follow from the slices), so a lost machine's slice
+exists only as its peer's replica.
 """
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.e2e import read_losses, read_recoveries
-from tests.resilience.cluster import TRAIN_ITERS, assert_nothing_left, assert_same_losses, run_cluster
+from gemini_lm.checkpoint.persistent import latest_iteration, list_iterations
+from gemini_lm.gemini.store import MemoryStore
+from gemini_lm.resilience.events import read_jsonl
+from gemini_lm.resilience.injection import Injection, inject
+from tests.e2e import ROOT, read_losses, read_recoveries, run_pretrain
+from tests.resilience.cluster import (TRAIN_ITERS, assert_nothing_left, assert_same_losses, run_cluster,
+                                      train_args, wait_for)
 
 pytestmark = pytest.mark.slow   # spawns processes
 
@@ -69,3 +78,45 @@ def test_whole_group_lost_falls_back_to_the_gathered_persistent_checkpoint(byte_
     recs = read_recoveries(log_dir)
     assert len(recs) == 1 and recs[0]["source"] == "persistent" and recs[0]["iteration"] == 4
     _assert_continued_exactly(reference, log_dir, save)
+
+
+def test_sigterm_flushes_the_gathered_layout_that_loads_at_dp1_and_dp2(byte_corpus, reference, tmp_path):
+    """DP=2 on one machine, so its store holds both slices. Rank 1 is frozen at iteration 5
+    (rank 0 then blocks in a DP collective), then rank 0 gets SIGTERM: its flush puts the
+    gathered checkpoint together from the two slices without a collective. Loaded at DP=1
+    and at DP=2, it continues exactly as the failure-free run."""
+    log_dir, save, shm = str(tmp_path / "logs"), str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "local_cluster.py"), "--machines", "1",
+           "--procs-per-machine", "2", "--max-restarts", "0", "--job-id", "flushdo", "--", "pretrain_gpt.py",
+           *train_args(byte_corpus, log_dir, *FLAGS, "--save", save, "--gemini-store-dir", shm)]
+    cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        inject(log_dir, Injection("hang", 1, at_iteration=5), offset=0, timeout_s=100, source="test")
+        inject(log_dir, Injection("sigterm", 0), timeout_s=100, source="test")
+        event = wait_for(lambda: next((f for f in read_jsonl(os.path.join(log_dir, "failures.jsonl"))
+                                       if f["cause"] == "sigterm"), None), 60, "the SIGTERM failure event")
+        cluster.send_signal(signal.SIGINT)   # and the frozen rank 1 with it
+        cluster.wait(timeout=60)
+    finally:
+        if cluster.poll() is None:
+            cluster.kill()
+            cluster.wait()
+        MemoryStore(shm, "flushdo", "m0").wipe()
+    assert event["rank"] == 0 and "flushed iteration " in event["detail"], event
+    flushed = int(event["detail"].split("flushed iteration ")[1].split()[0])
+    assert flushed >= 4
+    assert latest_iteration(save) == flushed and list_iterations(save) == [flushed]
+    assert not [n for n in os.listdir(save) if n.endswith(".partial")]
+
+    ref = dict(read_losses(reference))
+    for world in (1, 2):
+        cont, cont_save = str(tmp_path / f"dp{world}"), str(tmp_path / f"ckpt_dp{world}")
+        run_pretrain(tmp_path, train_args(byte_corpus, cont, "--no-gemini", *FLAGS, "--load", save,
+                                          "--save", cont_save), world)
+        got = read_losses(cont)
+        assert [i for i, _ in got] == list(range(flushed + 1, TRAIN_ITERS + 1)), (world, got)
+        assert all(loss == ref[i] for i, loss in got), (world, [(i, loss, ref[i]) for i, loss in got])
+        want, have = _final_state(os.path.join(reference, "ckpt")), _final_state(cont_save)
+        assert want.keys() == have.keys()
+        differ = [k for k in want if not torch.equal(want[k], have[k])]
+        assert not differ, (world, differ[:5])

@@ -18,20 +18,20 @@ BUCKET_MB = 100 * 4 / 2 ** 20   # several buckets, so shards cut through buckets
 
 
 class _Net(nn.Module):
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, hidden: int = 13):
         super().__init__()
         torch.manual_seed(0)
-        self.fc1 = nn.Linear(7, 13)      # odd sizes: shards end inside parameters
-        self.norm = nn.LayerNorm(13)
-        self.fc2 = nn.Linear(13, 5)
+        self.fc1 = nn.Linear(7, hidden)      # odd sizes: shards end inside parameters
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, 5)
         self.to(dtype)
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.norm(self.fc1(x))))
 
 
-def _build(ps, precision: str, distributed: bool):
-    model = _Net(DTYPES[precision])
+def _build(ps, precision: str, distributed: bool, hidden: int = 13):
+    model = _Net(DTYPES[precision], hidden)
     ddp = DistributedDataParallel(model, ps, bucket_size_mb=BUCKET_MB, use_distributed_optimizer=distributed)
     # clip_grad small enough to clip every step: the norm must agree bit for bit too
     opt = build_optimizer(model, ps, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), clip_grad=0.05,
@@ -80,7 +80,9 @@ def _equivalence(ps, precision: str):
            "plain_params": _np(dict(plain_model.named_parameters())), "params": _np(dict(model.named_parameters())),
            "plain_state": _np(plain_opt.state_tensors()), "gathered": _np(opt.state_tensors(gathered=True)),
            "plain_bytes": sum(t.numel() * t.element_size() for t in plain_opt.state_tensors().values()),
-           "bytes": sum(t.numel() * t.element_size() for t in opt.state_tensors().values()),
+           # fp32: the slice's masters are the param buffer's owned range, no optimizer memory
+           "bytes": sum(t.numel() * t.element_size() for k, t in opt.state_tensors().items()
+                        if not (precision == "fp32" and k == "optimizer/shard/master")),
            "spans": sorted({s.kind for it in ps.timeline.iterations() for s in it.spans if s.group == "dp"})}
 
     # Round trips: the shard layout into a fresh optimizer of the same layout, the gathered
@@ -164,3 +166,89 @@ def test_each_dp_rank_is_its_own_gemini_shard():
     from gemini_lm.checkpoint.naming import shard_id, tp_rank_of
     assert shard_id(1) == "tp01" and shard_id(1, 2) == "tp01dp02"
     assert tp_rank_of("tp01dp02") == 1
+
+
+def _train_state(ps, precision: str, distributed: bool):
+    """A TrainState over _Net, big enough that the tensors dwarf the RNG states."""
+    from gemini_lm.parallel.random import RNGStatesTracker
+    from gemini_lm.training.lr_schedule import OptimizerParamScheduler
+    from gemini_lm.training.state import TrainProgress, TrainState
+    model, ddp, opt = _build(ps, precision, distributed, hidden=1001)
+    scheduler = OptimizerParamScheduler(opt, max_lr=1e-2, lr_decay_iters=10)
+    state = TrainState(model, opt, scheduler, RNGStatesTracker(), ps, TrainProgress(), {"net": precision})
+    return model, ddp, opt, state
+
+
+def _snapshot_body(rank: int, world_size: int):
+    import torch.distributed as dist
+    from gemini_lm.checkpoint.snapshot import SnapshotLayout
+    ps = ParallelState.initialize(tp_size=1)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        ps.timeline = CollectiveTimeline()
+        sizes = {}
+        for distributed in (False, True):
+            model, ddp, opt, state = _train_state(ps, precision, distributed)
+            for i in (1, 2, 3):
+                _step(ps, model, ddp, opt, i)
+            state.progress.iteration = 3
+            snap = state.tensors()
+            layout = SnapshotLayout.build(snap, state.metadata)
+            sizes[distributed] = {"nbytes": layout.nbytes, "data": sum(e.nbytes for e in layout.entries.values()),
+                                  "rest": sum(t.numel() * t.element_size() for k, t in snap.items()
+                                              if not k.startswith(("model/", "optimizer/"))),
+                                  "params": sorted(k for k in snap if k.startswith("model/"))}
+        saved = {k: v.clone() for k, v in snap.items()}   # the distributed one's: no params in it
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        # The flush's assembly from every rank's slice equals the collective gather, byte for
+        # byte on DP rank 0, whose RNG states both take (a spawned process seeds Python's own).
+        slices = [None] * world_size
+        dist.all_gather_object(slices, saved)
+        gathered = state.tensors(gathered=True)
+        assembled = state.gathered_from_slices(slices)
+        assert list(assembled) == list(gathered)
+        assert all(torch.equal(assembled[k], t) for k, t in gathered.items() if not k.startswith("rng/"))
+        if rank == 0:
+            files = []
+            for tensors in (gathered, assembled):
+                lay = SnapshotLayout.build(tensors, state.metadata)
+                buf = torch.empty(lay.nbytes, dtype=torch.uint8)
+                lay.write(tensors, buf)
+                files.append(buf)
+            assert torch.equal(*files)
+
+        # The restored params come only from the slices, through the all-gather: wreck the live
+        # ones (and the moments), load the snapshot, continue exactly as without the detour.
+        continued = [_step(ps, model, ddp, opt, i) for i in (4, 5)]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        for t in opt.state_tensors().values():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+        state.load(saved)
+        assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+        assert [_step(ps, model, ddp, opt, i) for i in (4, 5)] == continued
+        out[precision] = sizes
+    return out
+
+
+@pytest.mark.slow
+def test_snapshot_holds_the_slice_and_no_param_copy_dp2(tmp_path):
+    from gemini_lm.gemini.topology import GeminiTopology, RankInfo
+    ranks = run_ranks(_snapshot_body, world_size=2, tmp_path=tmp_path)
+    for precision in ("fp32", "bf16"):
+        plain, dist = ranks[0][precision][False], [r[precision][True] for r in ranks]
+        assert plain["params"] and not any(d["params"] for d in dist)
+        # Nothing duplicated: the slices together hold the plain snapshot's bytes, plus each
+        # extra rank's progress, schedule and RNG, plus a range and a step per slice.
+        assert sum(d["data"] for d in dist) <= plain["data"] + plain["rest"] + 2 * 64
+        for d in dist:   # the state itself halves; header and RNG states do not
+            assert d["data"] - d["rest"] <= (plain["data"] - plain["rest"]) / 2 + 64, (precision, d, plain)
+            assert d["nbytes"] < plain["nbytes"] * 0.6
+        # On the wire (2 machines, 2 replicas): each slice once, to the one peer; the plain
+        # optimizer's DP copies already are the replicas.
+        infos = [RankInfo(r, f"m{r}", f"tp00dp0{r}", "h", d["nbytes"]) for r, d in enumerate(dist)]
+        topo = GeminiTopology.from_infos(0, infos, 2, "group")
+        assert sum(infos[r.src_rank].nbytes for r in topo.routes) == sum(d["nbytes"] for d in dist)
