@@ -31,7 +31,7 @@ from gemini_lm.checkpoint.naming import shard_id, shard_ids
 from gemini_lm.checkpoint.persistent import (discard_partial, finalize_from_sidecars, latest_iteration, partial_dir,
                                              write_shard_file, write_sidecar)
 from gemini_lm.checkpoint.snapshot import SnapshotLayout
-from gemini_lm.gemini.store import StaleRecordError
+from gemini_lm.gemini.store_view import StaleRecordError
 from gemini_lm.log import get_logger
 
 log = get_logger(__name__)
