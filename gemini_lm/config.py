@@ -150,8 +150,9 @@ class GeminiConfig:
     gemini_sub_buffers: int = _f(4, "sub-buffers of the transfer buffer (pipelining)")
     gemini_gap_safety: float = _f(0.8, "fraction of each idle gap that may be used")
     gemini_transport: str = _f("auto", "checkpoint payload path between machines: nccl = GPU to GPU "
-                                       "through the reserved GPU buffer, gloo = host to host (auto: gloo)",
-                               choices=["auto", "gloo", "nccl"])
+                                       "through the reserved GPU buffer, gloo = host to host, gloo-staged = "
+                                       "nccl's staged code on host memory over gloo (auto: gloo)",
+                               choices=["auto", "gloo", "nccl", "gloo-staged"])
 
 
 # The help's group title of each section.

@@ -21,8 +21,14 @@ peer lost mid-transfer leaves the slot uncommitted (abandon()). The sender learn
 snapshot's checksum only once the commit thread has computed it: the trailer is the one
 message that needs it, and goes last.
 
-On CPU the chunks travel straight between host memory over gloo: the sender's slot is
-the send buffer, the receiver's store slot the receive buffer.
+Over gloo (`--gemini-transport gloo`, the default) the chunks travel straight between
+host memory: the sender's slot is the send buffer, the receiver's store slot the receive
+buffer, and every message goes on the checkpoint group. Staged (`--gemini-transport
+nccl`; `gloo-staged` runs the same code on CPU), the payload chunks go on a payload group
+of their own (NCCL), through the reserved sub-buffers of staging.py, at most p chunks of
+a route per batch (more at one point go in waves); the trailer and the acks stay on the
+gloo group. NCCL returns one work per batch, gloo one per operation: a batch is complete
+when all its works are.
 """
 from __future__ import annotations
 
@@ -88,11 +94,13 @@ class _Transfer:
 
 class Exchange:
     def __init__(self, routes, rank: int, group, store, machine: str, senders: dict[int, tuple[int, str]],
-                 window_hook: Callable | None = None):
+                 window_hook: Callable | None = None, staging=None, payload_group=None):
         """`routes` in the global order; `senders[rank]`: (snapshot bytes, layout hash) of each.
         `window_hook(window, iteration)` runs inside "send" (some payload issued, the
-        trailer not) and "receive" (payload in, not committed): failure injection."""
+        trailer not) and "receive" (payload in, not committed): failure injection.
+        `staging` (staging.Staging) with its `payload_group`: the staged mode."""
         self.rank, self.group, self.store, self.machine = rank, group, store, machine
+        self.staging, self.payload_group = staging, payload_group
         self.routes = [r for r in routes if rank in (r.src_rank, r.dst_rank)]
         self.out_routes = [r for r in self.routes if r.src_rank == rank]
         self.senders, self.window_hook = senders, window_hook
@@ -141,6 +149,8 @@ class Exchange:
                 for w in done:
                     w.wait()   # returns at once; raises if it failed: a peer is gone
             t.in_flight = [w for w in t.in_flight if w not in done]
+            if self.staging is not None:
+                self.staging.drain_completed()
         self._issue(step_key((iteration, point)))
 
     def _issue(self, key) -> None:
@@ -154,15 +164,41 @@ class Exchange:
         for op in ops:
             if callable(op.tensor):
                 op.tensor = op.tensor()   # kept on the op: alive until the send completes
-        p2p = [dist.P2POp(dist.isend if op.send else dist.irecv, op.tensor,
-                          op.route.dst_rank if op.send else op.route.src_rank, self.group, op.tag) for op in ops]
-        with peer_failures("GEMINI replication"):
-            works = dist.batch_isend_irecv(p2p)
-        t.issued.append((key, ops, works))
-        t.in_flight.extend(works)
+        if self.staging is None:
+            self._batch(key, ops, [op.tensor for op in ops], self.group)
+        else:
+            payload = [op for op in ops if op.tag != TRAILER_TAG]
+            for wave in _waves(payload, self.staging.p):
+                with peer_failures("GEMINI replication"):
+                    uses = [self.staging.stage(op.route, op.tag - 1, op.tensor, op.send) for op in wave]
+                    with self.staging.issuing():
+                        works = self._batch(key, wave, [u.sub for u in uses], self.payload_group)
+                self.staging.issued(uses, works)
+            trailers = [op for op in ops if op.tag == TRAILER_TAG]
+            if trailers:
+                self._batch(key, trailers, [op.tensor for op in trailers], self.group)
         if not t.send_window_done and any(op.send for op in ops) and self.window_hook is not None:
             t.send_window_done = True
             self.window_hook("send", t.iteration)
+
+    def _batch(self, key, ops: list, tensors: list, group) -> list:
+        p2p = [dist.P2POp(dist.isend if op.send else dist.irecv, x,
+                          op.route.dst_rank if op.send else op.route.src_rank, group, op.tag)
+               for op, x in zip(ops, tensors)]
+        with peer_failures("GEMINI replication"):
+            works = dist.batch_isend_irecv(p2p)
+        t = self.transfer
+        t.issued.append((key, ops, works))
+        t.in_flight.extend(works)
+        return works
+
+    def _wait(self, works: list) -> None:
+        """Until `works` completed, on the host (a NCCL work's wait() only orders a stream)."""
+        if self.staging is not None:
+            self.staging.wait(works)
+        else:
+            for w in works:
+                w.wait()
 
     def finish(self, observe: Callable | None = None) -> float:
         """The deadline: issue what is left, wait for everything, commit the replicas this
@@ -177,11 +213,13 @@ class Exchange:
         timings, prev = [], t0
         with peer_failures("GEMINI replication"):
             for _, ops, works in t.issued:
-                for op, w in zip(ops, works):
-                    w.wait()
+                # gloo: one work per operation, each timed; NCCL: one per batch, timed whole
+                parts = [([op], [w]) for op, w in zip(ops, works)] if len(works) == len(ops) else [(ops, works)]
+                for part, part_works in parts:
+                    self._wait(part_works)
                     now = time.perf_counter()
-                    if op.send and op.tag != TRAILER_TAG:
-                        n = op.tensor.numel()
+                    n = sum(op.tensor.numel() for op in part if op.send and op.tag != TRAILER_TAG)
+                    if n:
                         timings.append((n, now - prev))
                         self.bytes_sent += n
                     prev = now
@@ -189,9 +227,10 @@ class Exchange:
             tail = len(t.issued)
             self._issue(LAST)
             for _, _, works in t.issued[tail:]:
-                for w in works:
-                    w.wait()
+                self._wait(works)
             alpha = time.perf_counter() - t1
+            if self.staging is not None:
+                self.staging.settle()   # every received chunk is in its store slot
         self._commit_received(t)
         self._ack(t)
         if observe is not None and self.out_routes:
@@ -240,9 +279,27 @@ class Exchange:
         """A peer failed: drop the transfer in flight (its group is going away); a replica
         being received stays uncommitted."""
         t, self.transfer = self.transfer, None
+        if self.staging is not None:
+            self.staging.reset()
         if t is not None:
             for w in t.writes.values():
                 self.store.abort(w)
+
+    def close(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+
+
+def _waves(ops: list, p: int) -> list[list]:
+    """One point's payload in batches holding at most p chunks of any route (its
+    sub-buffers), in order: the i-th chunk of a route at this point goes in wave i // p."""
+    waves, seen = [], {}
+    for op in ops:
+        i = seen[op.route] = seen.get(op.route, -1) + 1
+        if i // p == len(waves):
+            waves.append([])
+        waves[i // p].append(op)
+    return waves
 
 
 def _trailer(record: Callable | None, iteration: int, machine: str) -> Callable[[], torch.Tensor]:

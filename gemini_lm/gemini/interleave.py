@@ -109,7 +109,7 @@ class TrafficScheduler:
         profiled iterations carry no checkpoint traffic."""
         return not self.interleave or iteration <= self.profile_iters
 
-    # ---- measurements from the replicator ---------------------------------------------
+    # ---- measurements from the exchange ------------------------------------------------
     def observe(self, header_s: float, chunks: list[tuple[int, float]]) -> None:
         """One snapshot's send timings: the small header ≈ α; big chunks give B. Only
         the plan uses them: once it exists, nothing more is kept (a run can be long)."""
@@ -151,15 +151,6 @@ class TrafficScheduler:
         self._spread = spread
         return Profile(tuple(gaps), tuple(spread.points), update_s, spread.duration_median_s or update_s,
                        self.alpha if measured else math.inf, self.bandwidth if measured else 0.0)
-
-    def maybe_plan(self, peer_bytes: dict[str, int], iteration: int) -> None:
-        """One sender planning alone from its own profile (no agreement): if it is time
-        and the measurements exist."""
-        if not self.wants_plan(iteration):
-            return
-        p = self.local_profile()
-        if p is not None and p.bandwidth > 0:
-            self.adopt(p, {None: peer_bytes}, None)
 
     def adopt(self, profile: Profile | None, senders: dict, own) -> None:
         """Plan every sender's traffic (`senders[key] = {peer: nbytes}`) from the agreed
