@@ -27,8 +27,11 @@ buffer, and every message goes on the checkpoint group. Staged (`--gemini-transp
 nccl`; `gloo-staged` runs the same code on CPU), the payload chunks go on a payload group
 of their own (NCCL), through the reserved sub-buffers of staging.py, at most p chunks of
 a route per batch (more at one point go in waves); the trailer and the acks stay on the
-gloo group. NCCL returns one work per batch, gloo one per operation: a batch is complete
-when all its works are.
+gloo group.
+
+A batch's works are waited for once (Batch): gloo's point-to-point works report completion
+only once waited for, and a second wait blocks forever; NCCL returns one work per batch,
+gloo one per operation.
 """
 from __future__ import annotations
 
@@ -78,6 +81,23 @@ class _Op:
     tag: int
 
 
+class Batch:
+    """The works of one batch_isend_irecv (its operations `ops`), waited for at most once."""
+
+    def __init__(self, ops: list, works: list, payload: bool):
+        self.ops, self.works, self.payload, self.waited = ops, works, payload, False
+
+    def done(self) -> bool:
+        return self.waited or all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        """gloo: until complete; NCCL: the current stream waits (staging.py waits on the host)."""
+        if not self.waited:
+            for w in self.works:
+                w.wait()
+            self.waited = True
+
+
 @dataclass
 class _Transfer:
     """One replicated snapshot: this rank's part in every route it sends or receives on."""
@@ -85,8 +105,8 @@ class _Transfer:
     steps: dict                                  # step key -> [_Op], not issued yet
     writes: dict = field(default_factory=dict)   # receiving route -> WriteHandle
     trailers: dict = field(default_factory=dict) # receiving route -> its trailer buffer
-    issued: list = field(default_factory=list)   # [(key, [_Op], [Work])], in issue order
-    in_flight: list = field(default_factory=list)  # works not yet seen complete
+    issued: list = field(default_factory=list)   # [Batch], in issue order
+    in_flight: list = field(default_factory=list)  # batches not yet seen complete
     started: float = field(default_factory=time.perf_counter)
     send_window_done: bool = False
     ready: Callable | None = None                # before the first send: the source is complete
@@ -144,11 +164,11 @@ class Exchange:
         if t is None:
             return
         if t.in_flight:
-            done = [w for w in t.in_flight if w.is_completed()]
+            done = [b for b in t.in_flight if b.done()]
             with peer_failures("GEMINI replication"):
-                for w in done:
-                    w.wait()   # returns at once; raises if it failed: a peer is gone
-            t.in_flight = [w for w in t.in_flight if w not in done]
+                for b in done:
+                    b.wait()   # returns at once; raises if it failed: a peer is gone
+            t.in_flight = [b for b in t.in_flight if b not in done]
             if self.staging is not None:
                 self.staging.drain_completed()
         self._issue(step_key((iteration, point)))
@@ -165,40 +185,38 @@ class Exchange:
             if callable(op.tensor):
                 op.tensor = op.tensor()   # kept on the op: alive until the send completes
         if self.staging is None:
-            self._batch(key, ops, [op.tensor for op in ops], self.group)
+            self._batch(ops, [op.tensor for op in ops], self.group)
         else:
             payload = [op for op in ops if op.tag != TRAILER_TAG]
             for wave in _waves(payload, self.staging.p):
                 with peer_failures("GEMINI replication"):
                     uses = [self.staging.stage(op.route, op.tag - 1, op.tensor, op.send) for op in wave]
                     with self.staging.issuing():
-                        works = self._batch(key, wave, [u.sub for u in uses], self.payload_group)
-                self.staging.issued(uses, works)
+                        batch = self._batch(wave, [u.sub for u in uses], self.payload_group)
+                self.staging.issued(uses, batch)
             trailers = [op for op in ops if op.tag == TRAILER_TAG]
             if trailers:
-                self._batch(key, trailers, [op.tensor for op in trailers], self.group)
+                self._batch(trailers, [op.tensor for op in trailers], self.group)
         if not t.send_window_done and any(op.send for op in ops) and self.window_hook is not None:
             t.send_window_done = True
             self.window_hook("send", t.iteration)
 
-    def _batch(self, key, ops: list, tensors: list, group) -> list:
+    def _batch(self, ops: list, tensors: list, group) -> Batch:
         p2p = [dist.P2POp(dist.isend if op.send else dist.irecv, x,
                           op.route.dst_rank if op.send else op.route.src_rank, group, op.tag)
                for op, x in zip(ops, tensors)]
         with peer_failures("GEMINI replication"):
-            works = dist.batch_isend_irecv(p2p)
-        t = self.transfer
-        t.issued.append((key, ops, works))
-        t.in_flight.extend(works)
-        return works
+            batch = Batch(ops, dist.batch_isend_irecv(p2p), payload=group is not self.group)
+        self.transfer.issued.append(batch)
+        self.transfer.in_flight.append(batch)
+        return batch
 
-    def _wait(self, works: list) -> None:
-        """Until `works` completed, on the host (a NCCL work's wait() only orders a stream)."""
-        if self.staging is not None:
-            self.staging.wait(works)
+    def _wait(self, batch: Batch) -> None:
+        """Until `batch` completed, on the host (a NCCL work's wait() only orders a stream)."""
+        if batch.payload:
+            self.staging.wait(batch)
         else:
-            for w in works:
-                w.wait()
+            batch.wait()
 
     def finish(self, observe: Callable | None = None) -> float:
         """The deadline: issue what is left, wait for everything, commit the replicas this
@@ -212,22 +230,24 @@ class Exchange:
             self._issue(key)
         timings, prev = [], t0
         with peer_failures("GEMINI replication"):
-            for _, ops, works in t.issued:
-                # gloo: one work per operation, each timed; NCCL: one per batch, timed whole
-                parts = [([op], [w]) for op, w in zip(ops, works)] if len(works) == len(ops) else [(ops, works)]
-                for part, part_works in parts:
-                    self._wait(part_works)
+            for b in t.issued:
+                # gloo, not waited for yet: one work per operation, each timed; else the batch whole
+                each = not b.waited and len(b.works) == len(b.ops) and not (b.payload and self.staging.cuda)
+                parts = [([op], Batch([op], [w], b.payload)) for op, w in zip(b.ops, b.works)] if each else [(b.ops, b)]
+                for part, sub in parts:
+                    self._wait(sub)
                     now = time.perf_counter()
                     n = sum(op.tensor.numel() for op in part if op.send and op.tag != TRAILER_TAG)
                     if n:
                         timings.append((n, now - prev))
                         self.bytes_sent += n
                     prev = now
+                b.waited = True
             t1 = time.perf_counter()
             tail = len(t.issued)
             self._issue(LAST)
-            for _, _, works in t.issued[tail:]:
-                self._wait(works)
+            for b in t.issued[tail:]:
+                self._wait(b)
             alpha = time.perf_counter() - t1
             if self.staging is not None:
                 self.staging.settle()   # every received chunk is in its store slot

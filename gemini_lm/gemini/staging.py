@@ -39,7 +39,7 @@ class _Use:
     sub: torch.Tensor
     dst: torch.Tensor | None = None        # receiving: where its bytes go in the store slot
     host: torch.Tensor | None = None       # receiving on CUDA: the page-locked twin
-    works: list | None = None              # of the batch that carries it
+    batch: object | None = None            # the exchange's Batch that carries it
     drained: object | None = None          # receiving on CUDA: the event of its copy off the device
     copied: Future | None = None           # receiving: the copier's move into the store slot
     before: Future | None = None           # receiving: the previous chunk's move out of the same twin
@@ -97,33 +97,38 @@ class Staging:
         else:
             yield
 
-    def issued(self, uses: list[_Use], works: list) -> None:
+    def issued(self, uses: list[_Use], batch) -> None:
         for u in uses:
-            u.works = works
+            u.batch = batch
 
-    def wait(self, works: list) -> None:
-        """Block the host until `works` completed (NCCL's wait() only orders a stream)."""
+    def wait(self, batch) -> None:
+        """Block the host until `batch` completed (NCCL's wait() only orders a stream)."""
         if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                for w in works:
+            done = torch.cuda.Event()
+            with torch.cuda.stream(self.drain_stream):
+                for w in batch.works:
                     w.wait()
-            self.copy_stream.synchronize()
+                done.record()
+            done.synchronize()
+            batch.waited = True
         else:
-            for w in works:
+            batch.wait()
+
+    def _after(self, batch, stream) -> None:
+        """`stream` waits for `batch` (the host goes on): NCCL's wait() orders the current stream."""
+        with torch.cuda.stream(stream):
+            for w in batch.works:
                 w.wait()
 
     def _release(self, prev: _Use) -> None:
         """The sub-buffer's previous chunk must be done with it before it is reused."""
-        if prev.works is None:
+        if prev.batch is None:
             return   # never issued (its batch failed): nothing uses the sub-buffer
         if prev.send:
             if self.cuda:
-                with torch.cuda.stream(self.copy_stream):
-                    for w in prev.works:
-                        w.wait()   # the stream waits for the send, not the host
+                self._after(prev.batch, self.copy_stream)
             else:
-                for w in prev.works:
-                    w.wait()
+                prev.batch.wait()
         else:
             self._drain(prev)
             if self.cuda:
@@ -138,28 +143,26 @@ class Staging:
         if use.before is not None:
             use.before.result()   # the twin's previous bytes are in the store
         if self.cuda:
+            self._after(use.batch, self.drain_stream)
             with torch.cuda.stream(self.drain_stream):
-                for w in use.works:
-                    w.wait()
                 use.host.copy_(use.sub, non_blocking=True)
                 use.drained = torch.cuda.Event()
                 use.drained.record()
             use.copied = self._copier.submit(_to_store, use.drained, use.host, use.dst)
         else:
-            for w in use.works:
-                w.wait()
+            use.batch.wait()
             use.copied = self._copier.submit(use.dst.copy_, use.sub)
 
     def drain_completed(self) -> None:
         """At a point: received chunks whose batch completed start their way into the store."""
         for u in self._uses.values():
-            if not u.send and u.copied is None and u.works is not None and all(w.is_completed() for w in u.works):
+            if not u.send and u.copied is None and u.batch is not None and u.batch.done():
                 self._drain(u)
 
     def settle(self) -> None:
         """The deadline: every received chunk is in its store slot."""
         for u in self._uses.values():
-            if not u.send and u.works is not None:
+            if not u.send and u.batch is not None:
                 self._drain(u)
                 u.copied.result()
 
