@@ -231,8 +231,8 @@ class Exchange:
         timings, prev = [], t0
         with peer_failures("GEMINI replication"):
             for b in t.issued:
-                # gloo, not waited for yet: one work per operation, each timed; else the batch whole
-                each = not b.waited and len(b.works) == len(b.ops) and not (b.payload and self.staging.cuda)
+                # gloo: one work per operation, each timed (unless waited for already); NCCL: one per batch
+                each = not b.waited and len(b.works) == len(b.ops)
                 parts = [([op], Batch([op], [w], b.payload)) for op, w in zip(b.ops, b.works)] if each else [(b.ops, b)]
                 for part, sub in parts:
                     self._wait(sub)
