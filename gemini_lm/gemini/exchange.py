@@ -164,13 +164,13 @@ class Exchange:
         if t is None:
             return
         if t.in_flight:
-            done = [b for b in t.in_flight if b.done()]
             with peer_failures("GEMINI replication"):
+                done = [b for b in t.in_flight if b.done()]
                 for b in done:
                     b.wait()   # returns at once; raises if it failed: a peer is gone
+                if self.staging is not None:
+                    self.staging.drain_completed()
             t.in_flight = [b for b in t.in_flight if b not in done]
-            if self.staging is not None:
-                self.staging.drain_completed()
         self._issue(step_key((iteration, point)))
 
     def _issue(self, key) -> None:
