@@ -117,6 +117,9 @@ class BaselineCheckpointer:
     def set_window_hook(self, hook) -> None:
         pass
 
+    def memory_store(self) -> None:
+        return None   # no in-memory store: the final report line says so
+
     def close(self, iteration: int, clean: bool) -> None:
         self._wait()
 
