@@ -7,11 +7,11 @@ Phases of a run, with `--gemini-interleave on`:
    replicated with the blocking schedule — sent eagerly after the step, the next
    iteration waiting for it — so a machine lost in the first iterations still has a peer
    copy, and the profiled iterations see no checkpoint traffic inside them.
-2. Measuring: those sends report how long their header (≈ α, the per-message cost) and
+2. Measuring: those sends report how long their trailer (≈ α, the per-message cost) and
    each chunk took, giving the bandwidth B.
 3. Interleaving: gaps = robust (median) idle gaps of the profiled iterations; the pure
-   planner (schedule.py) fills them with chunks of R/p bytes, the rest goes when the
-   update begins. The snapshot of iteration k is sent during iteration k+1. If sending it
+   planner (schedule.py) fills them with chunks of R/p bytes, at most p of a peer per
+   gap (one per sub-buffer), the rest goes when the update begins. The snapshot of iteration k is sent during iteration k+1. If sending it
    takes longer than mu of an iteration, it is spread over the gaps of k+1..k+j and only
    every j-th snapshot is replicated (the log says so; `--gemini-replication-interval`
    fixes j instead). Each chunk's moment is a *point* of the timeline (the iteration, and
