@@ -146,12 +146,15 @@ class GeminiConfig:
     gemini_profile_iters: int = _f(20, "iterations profiled before replication is scheduled")
     gemini_replication_interval: int = _f(0, "replicate every N-th snapshot (0 = auto: the smallest N "
                                              "whose traffic fits in the iterations between)")
-    gemini_buffer_mb: float = _f(128.0, "reserved transfer buffer")
-    gemini_sub_buffers: int = _f(4, "sub-buffers of the transfer buffer (pipelining)")
+    gemini_buffer_mb: float = _f(128.0, "reserved transfer buffer, MiB (per route with --gemini-transport nccl); "
+                                        "checkpoint chunks are a sub-buffer's size")
+    gemini_sub_buffers: int = _f(4, "sub-buffers of the transfer buffer: at most this many chunks of a route "
+                                    "travel in one gap (pipelining)")
     gemini_gap_safety: float = _f(0.8, "fraction of each idle gap that may be used")
     gemini_transport: str = _f("auto", "checkpoint payload path between machines: nccl = GPU to GPU "
-                                       "through the reserved GPU buffer, gloo = host to host (auto: gloo)",
-                               choices=["auto", "gloo", "nccl"])
+                                       "through the reserved GPU buffer, gloo = host to host, gloo-staged = "
+                                       "nccl's staged code on host memory over gloo (auto: gloo)",
+                               choices=["auto", "gloo", "nccl", "gloo-staged"])
 
 
 # The help's group title of each section.

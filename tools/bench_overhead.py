@@ -117,6 +117,9 @@ class BaselineCheckpointer:
     def set_window_hook(self, hook) -> None:
         pass
 
+    def memory_store(self) -> None:
+        return None   # no in-memory store: the final report line says so
+
     def close(self, iteration: int, clean: bool) -> None:
         self._wait()
 
@@ -228,7 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=8, help="2 micro-batches by default")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: state on the GPU, NCCL for training and checkpoint payloads")
-    p.add_argument("--transport", default="auto", choices=["auto", "gloo", "nccl"], help="--gemini-transport")
+    p.add_argument("--transport", default="auto", choices=["auto", "gloo", "nccl", "gloo-staged"],
+                   help="--gemini-transport")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="disk directory for the baselines' files")
     p.add_argument("--shm", default="/dev/shm", help="where the GEMINI stores go")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")

@@ -12,7 +12,7 @@ PY=${PY:-python3}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   df -h /dev/shm /tmp | tail -n 2
 } 2>&1 | tee "$OUT/env.txt"
-timeout 330 $PY -m pytest -q -p no:cacheprovider tests/gemini/test_transport.py tests/gemini/test_snapshot.py \
+timeout 330 $PY -m pytest -q -p no:cacheprovider tests/gemini/test_staging.py tests/gemini/test_snapshot.py \
   tests/gemini/test_store.py tests/gemini/test_cuda.py tests/gemini/test_sigkill_restart.py 2>&1 | tee "$OUT/tests.txt"
 for transport in nccl gloo; do
   timeout 200 $PY tools/bench_overhead.py --device cuda --transport $transport --quick --timeout 50 \

@@ -46,13 +46,12 @@ from gemini_lm.gemini.agreement import agree_profile
 from gemini_lm.gemini.exchange import Exchange
 from gemini_lm.gemini.interleave import TrafficScheduler
 from gemini_lm.gemini.persist import Persister
-from gemini_lm.gemini.replicator import Replicator
-from gemini_lm.gemini.restore import restore_state
 from gemini_lm.gemini.flush import flush_slices, flush_snapshot
+from gemini_lm.gemini.restore import restore_state
+from gemini_lm.gemini.staging import Staging, connect_routes
 from gemini_lm.gemini.store import MemoryStore
 from gemini_lm.gemini.store_admin import describe_size, usage
 from gemini_lm.gemini.topology import GeminiTopology, machine_id
-from gemini_lm.gemini.transport import StagedTransport, connect_routes, route_groups
 from gemini_lm.log import get_logger
 from gemini_lm.parallel.comm import peer_failures
 
@@ -66,10 +65,10 @@ class Checkpointer:
         self.cfg, self.state, self.ps, self.job_id = cfg, state, ps, job_id
         g = cfg.gemini
         self.interval = g.gemini_interval
-        # auto is gloo: the exchange (training-thread traffic) runs over gloo; nccl is still
-        # the threaded staged transport, which broke NCCL's one-thread contract and stalled
-        # on a GPU (see the README). nccl without CUDA was refused with the other input checks.
+        # auto is gloo: no GPU has run the staged NCCL exchange yet (see the README). nccl
+        # without CUDA was refused with the other input checks; gloo-staged is its code on CPU.
         self.transport = "gloo" if g.gemini_transport == "auto" else g.gemini_transport
+        self.staged = self.transport in ("nccl", "gloo-staged")
         self.machine = machine_id()
         distributed_optimizer = cfg.parallel.use_distributed_optimizer
         self.shard = shard_id(ps.tp_rank, ps.dp_rank if distributed_optimizer else None)
@@ -79,8 +78,7 @@ class Checkpointer:
         self.traffic = TrafficScheduler(g, ps.timeline)
         self._form_topology()
         topo = self.topology
-        self.replicator: Replicator | None = None   # --gemini-transport nccl only (threads)
-        self.exchange: Exchange | None = None       # gloo: the training thread's traffic
+        self.exchange: Exchange | None = None       # the training thread's checkpoint traffic
         self._sending = None                        # the view pinning the slot being sent
         self.persister: Persister | None = None
         self._window_hook: WindowHook | None = None
@@ -114,14 +112,15 @@ class Checkpointer:
                                                   nbytes=self.layout.nbytes)
         topo = self.topology
         # Checkpoint traffic gets process groups of its own (collective: every rank creates
-        # them): gloo for the protocol's small messages, and on GPU one NCCL group per route
-        # for the payload (see transport.py).
+        # them): gloo for the protocol's small messages (and the payload, unstaged); staged,
+        # one more for the payload (NCCL on GPU), every route connected now (staging.py).
         self.repl_group = dist.new_group(backend="gloo", timeout=ps.timeout) if topo.routes else None
-        self._route_groups = {}
-        if topo.routes and self.transport == "nccl":
-            self._route_groups = route_groups(topo.routes, "nccl", ps.timeout)
-            connect_routes(topo.routes, self._route_groups, ps.device, self.traffic.chunk_bytes)
-        self._peer_bytes = {r.dst_machine: self.layout.nbytes for r in topo.out_routes()}
+        self.payload_group = None
+        if topo.routes and self.staged:
+            nccl = self.transport == "nccl"
+            self.payload_group = dist.new_group(backend="nccl" if nccl else "gloo", timeout=ps.timeout)
+            with peer_failures("GEMINI route connections"):
+                connect_routes(topo.routes, self.payload_group, self._staging_device(), self.traffic.chunk_bytes)
 
     # ---- start-up ---------------------------------------------------------------------
     def restore(self) -> dict:
@@ -145,29 +144,27 @@ class Checkpointer:
             raise
         return record
 
+    def _staging_device(self) -> torch.device:
+        return self.ps.device if self.transport == "nccl" else torch.device("cpu")
+
     def _start_replication(self) -> None:
         topo = self.topology
-        if topo.routes and self.transport == "gloo":
+        if topo.routes:
             senders = {i.rank: (i.nbytes, i.layout_hash) for i in topo.infos}
+            staging = Staging(self.ps.rank, topo.routes, self._staging_device(), self.traffic.buffer_bytes,
+                              self.traffic.num_buffers) if self.staged else None
             self.exchange = Exchange(list(topo.routes), self.ps.rank, self.repl_group, self.store, topo.machine,
-                                     senders, window_hook=self._in_window)
+                                     senders, window_hook=self._in_window, staging=staging,
+                                     payload_group=self.payload_group)
             self.ps.timeline.on_point = self.exchange.at_point
-        elif topo.routes:
-            staged = partial(StagedTransport, self._route_groups, self.ps.device, self.traffic.buffer_bytes,
-                             self.traffic.num_buffers) if self.transport == "nccl" else None
-            self.replicator = Replicator(list(topo.routes), self.ps.rank, self.repl_group, self.store,
-                                         topo.machine, chunk_bytes=self.traffic.chunk_bytes,
-                                         timeline=self.ps.timeline, on_sent=self.traffic.observe,
-                                         transports=staged, window_hook=self._in_window)
         if topo.is_writer:
             self.store.prepare(self.shard, self.layout.nbytes)
 
     # ---- in-place recovery --------------------------------------------------------------
     def abandon(self) -> bool:
         """A peer failed: let the snapshot in flight commit, stop checkpoint traffic and drop
-        its groups. False if a replication thread would not stop (then its group must not
-        be destroyed: the caller takes the full restart)."""
-        self.ps.timeline.release_waiters()   # a sender waiting for the next iteration goes now
+        its groups. True: nothing of ours still uses them (the training thread issued all
+        the traffic, so nothing else can be blocked in it)."""
         try:
             if self._pending is not None:
                 self._pending.result()
@@ -177,20 +174,16 @@ class Checkpointer:
         self.ps.timeline.on_point = None
         if self.exchange is not None:
             self.exchange.abandon()   # pending sends and receives die with their group
+            self.exchange.close()
             self.exchange = None
         self._unpin_sending()
-        stopped = True
-        if self.replicator is not None:
-            stopped = self.replicator.close(timeout=5.0)
-            self.replicator = None
-        self.repl_group, self._route_groups = None, {}
-        return stopped
+        self.repl_group = self.payload_group = None
+        return True
 
     def reform(self) -> dict:
         """In a new generation (its default group initialized, ParallelState rebuilt): new
         topology and traffic groups, then roll back to the newest iteration every shard holds
         in memory, exactly as at a restart. The recovery record."""
-        self.ps.timeline.resume()
         self._form_topology()
         # Plan again, whether the peers changed or not: a replacement process starts with
         # no plan, and every rank must derive the same one (agreement.py).
@@ -225,7 +218,7 @@ class Checkpointer:
             if traffic.wants_plan(iteration):
                 self._agree_plan()
         if self.topology.is_writer:
-            self._snapshot(iteration, replicate=replicate, ship=False)   # sets self._stats
+            self._snapshot(iteration, replicate=replicate)   # sets self._stats
         else:
             self._stats = {}
         if replicate:
@@ -273,17 +266,11 @@ class Checkpointer:
             torch.cuda.current_stream(self.ps.device).wait_event(self._d2h_done)
             self._d2h_done = None
 
-    def _snapshot(self, iteration: int, replicate: bool | None = None, ship: bool = True) -> None:
-        """`ship`: the replicator (threads) sends it; else the exchange, the caller's job."""
+    def _snapshot(self, iteration: int, replicate: bool = False) -> None:
+        """`replicate`: the exchange sends it (the caller's job); its slot stays pinned until then."""
         t0 = time.perf_counter()
-        # Before the slot can be reused, the previous snapshot must be committed (which may
-        # also settle the replication cadence); before a replicated snapshot, the previous
-        # replicated one must have reached its peers — its chunks were planned to finish
-        # by this snapshot's update, so this wait cannot depend on a future iteration.
-        wait_s = self._drain(replication=False)
-        if replicate is None:
-            replicate = self.replicator is not None and self.traffic.replicate(iteration)
-        wait_s += self._drain(replication=replicate and ship)
+        # Before the slot can be reused, the previous snapshot must be committed.
+        wait_s = self._drain()
         t1 = time.perf_counter()
         w = self.store.begin_write(self.shard, self.layout.nbytes, self.layout.layout_hash)
         hook = self._window_hook   # set only while a failure injection is armed
@@ -299,9 +286,7 @@ class Checkpointer:
         # Checksum + commit record + hand-off to replication/persistence happen off the
         # training thread: the loop is blocked only for the copy into shared memory (on
         # CUDA, only for queueing it).
-        self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate, copied, ship)
-        if ship and replicate and self.traffic.blocking(iteration):
-            wait_s += self._drain()   # the blocking schedule: the step waits for its traffic
+        self._pending = self._worker.submit(self._commit_and_ship, w, iteration, replicate, copied)
         self._stats = {"gemini_snapshot_s": t2 - t1, "gemini_wait_s": wait_s,
                        "gemini_blocking_s": time.perf_counter() - t0,
                        "gemini_snapshot_bytes": self.layout.nbytes}
@@ -321,7 +306,7 @@ class Checkpointer:
         if hook is not None:
             hook(window, iteration)
 
-    def _commit_and_ship(self, w, iteration: int, replicate: bool, copied=None, ship: bool = True):
+    def _commit_and_ship(self, w, iteration: int, replicate: bool, copied=None):
         if copied is not None:
             t0 = time.perf_counter()
             copied.synchronize()
@@ -329,36 +314,29 @@ class Checkpointer:
         self._in_window("snapshot", iteration)
         rec = self.store.commit(w, iteration)
         self.last_record = rec
-        if replicate and not ship:
+        if replicate:
             # Pinned until its exchange finishes: a snapshot not replicated meanwhile
             # (every j-th travels) must not overwrite the slot being sent.
             self._sending = self.store.open(rec, verify=False)
-        elif replicate:
-            self.traffic.maybe_plan(self._peer_bytes, iteration)
-            self.replicator.submit(self.store.open(rec, verify=False), self.shard,
-                                   chunker=self.traffic.chunks)
         c = self.cfg.checkpoint
         if self.persister and c.save_interval and iteration % c.save_interval == 0:
             self.persister.submit(rec)
         return rec
 
-    def _drain(self, replication: bool = True) -> float:
-        """Wait for the previous snapshot's commit (and replication); seconds waited."""
+    def _drain(self) -> float:
+        """Wait for the previous snapshot's commit; seconds waited."""
         t0 = time.perf_counter()
         if self._pending is not None:
             self._pending.result()   # re-raises a failed commit on the training thread
             self._pending = None
-        if replication and self.replicator is not None:
-            self.replicator.wait()
         return time.perf_counter() - t0
 
     def stats(self) -> dict:
         out = dict(self._stats)
         if self._d2h_wait_s is not None:
             out["gemini_d2h_wait_s"] = self._d2h_wait_s
-        sender = self.replicator or self.exchange
-        if sender is not None and sender.last_send_s is not None:
-            out["gemini_repl_send_s"] = sender.last_send_s
+        if self.exchange is not None and self.exchange.last_send_s is not None:
+            out["gemini_repl_send_s"] = self.exchange.last_send_s
         if self.persister is not None and self.persister.last_persist_s is not None:
             out["gemini_persist_s"] = self.persister.last_persist_s
         if self.persistent is not None:
@@ -397,7 +375,6 @@ class Checkpointer:
         """Drain; a clean finish writes the final state to --save and frees the memory store,
         unless that write failed on some rank: then the store is kept (the only copy) and
         the one-line message saying so is returned."""
-        self.ps.timeline.release_waiters()   # chunks waiting for a next iteration go now
         self.ps.timeline.on_point = None
         if clean:
             self._drain()
@@ -405,11 +382,9 @@ class Checkpointer:
                 self.exchange.finish()   # every rank: the last replicated snapshot reaches its peers
         if self.exchange is not None:
             self.exchange.abandon()
+            self.exchange.close()
             self.exchange = None
         self._unpin_sending()
-        if self.replicator is not None:
-            self.replicator.close()
-            self.replicator = None
         unsaved = None
         if self.persister is not None:
             if clean and (self.last_record is None or self.last_record.iteration != iteration):

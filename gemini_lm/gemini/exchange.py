@@ -21,8 +21,17 @@ peer lost mid-transfer leaves the slot uncommitted (abandon()). The sender learn
 snapshot's checksum only once the commit thread has computed it: the trailer is the one
 message that needs it, and goes last.
 
-On CPU the chunks travel straight between host memory over gloo: the sender's slot is
-the send buffer, the receiver's store slot the receive buffer.
+Over gloo (`--gemini-transport gloo`, the default) the chunks travel straight between
+host memory: the sender's slot is the send buffer, the receiver's store slot the receive
+buffer, and every message goes on the checkpoint group. Staged (`--gemini-transport
+nccl`; `gloo-staged` runs the same code on CPU), the payload chunks go on a payload group
+of their own (NCCL), through the reserved sub-buffers of staging.py, at most p chunks of
+a route per batch (more at one point go in waves); the trailer and the acks stay on the
+gloo group.
+
+A batch's works are waited for once (Batch): gloo's point-to-point works report completion
+only once waited for, and a second wait blocks forever; NCCL returns one work per batch,
+gloo one per operation.
 """
 from __future__ import annotations
 
@@ -72,6 +81,23 @@ class _Op:
     tag: int
 
 
+class Batch:
+    """The works of one batch_isend_irecv (its operations `ops`), waited for at most once."""
+
+    def __init__(self, ops: list, works: list, payload: bool):
+        self.ops, self.works, self.payload, self.waited = ops, works, payload, False
+
+    def done(self) -> bool:
+        return self.waited or all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        """gloo: until complete; NCCL: the current stream waits (staging.py waits on the host)."""
+        if not self.waited:
+            for w in self.works:
+                w.wait()
+            self.waited = True
+
+
 @dataclass
 class _Transfer:
     """One replicated snapshot: this rank's part in every route it sends or receives on."""
@@ -79,8 +105,8 @@ class _Transfer:
     steps: dict                                  # step key -> [_Op], not issued yet
     writes: dict = field(default_factory=dict)   # receiving route -> WriteHandle
     trailers: dict = field(default_factory=dict) # receiving route -> its trailer buffer
-    issued: list = field(default_factory=list)   # [(key, [_Op], [Work])], in issue order
-    in_flight: list = field(default_factory=list)  # works not yet seen complete
+    issued: list = field(default_factory=list)   # [Batch], in issue order
+    in_flight: list = field(default_factory=list)  # batches not yet seen complete
     started: float = field(default_factory=time.perf_counter)
     send_window_done: bool = False
     ready: Callable | None = None                # before the first send: the source is complete
@@ -88,11 +114,13 @@ class _Transfer:
 
 class Exchange:
     def __init__(self, routes, rank: int, group, store, machine: str, senders: dict[int, tuple[int, str]],
-                 window_hook: Callable | None = None):
+                 window_hook: Callable | None = None, staging=None, payload_group=None):
         """`routes` in the global order; `senders[rank]`: (snapshot bytes, layout hash) of each.
         `window_hook(window, iteration)` runs inside "send" (some payload issued, the
-        trailer not) and "receive" (payload in, not committed): failure injection."""
+        trailer not) and "receive" (payload in, not committed): failure injection.
+        `staging` (staging.Staging) with its `payload_group`: the staged mode."""
         self.rank, self.group, self.store, self.machine = rank, group, store, machine
+        self.staging, self.payload_group = staging, payload_group
         self.routes = [r for r in routes if rank in (r.src_rank, r.dst_rank)]
         self.out_routes = [r for r in self.routes if r.src_rank == rank]
         self.senders, self.window_hook = senders, window_hook
@@ -136,11 +164,13 @@ class Exchange:
         if t is None:
             return
         if t.in_flight:
-            done = [w for w in t.in_flight if w.is_completed()]
             with peer_failures("GEMINI replication"):
-                for w in done:
-                    w.wait()   # returns at once; raises if it failed: a peer is gone
-            t.in_flight = [w for w in t.in_flight if w not in done]
+                done = [b for b in t.in_flight if b.done()]
+                for b in done:
+                    b.wait()   # returns at once; raises if it failed: a peer is gone
+                if self.staging is not None:
+                    self.staging.drain_completed()
+            t.in_flight = [b for b in t.in_flight if b not in done]
         self._issue(step_key((iteration, point)))
 
     def _issue(self, key) -> None:
@@ -154,15 +184,39 @@ class Exchange:
         for op in ops:
             if callable(op.tensor):
                 op.tensor = op.tensor()   # kept on the op: alive until the send completes
-        p2p = [dist.P2POp(dist.isend if op.send else dist.irecv, op.tensor,
-                          op.route.dst_rank if op.send else op.route.src_rank, self.group, op.tag) for op in ops]
-        with peer_failures("GEMINI replication"):
-            works = dist.batch_isend_irecv(p2p)
-        t.issued.append((key, ops, works))
-        t.in_flight.extend(works)
+        if self.staging is None:
+            self._batch(ops, [op.tensor for op in ops], self.group)
+        else:
+            payload = [op for op in ops if op.tag != TRAILER_TAG]
+            for wave in _waves(payload, self.staging.p):
+                with peer_failures("GEMINI replication"):
+                    uses = [self.staging.stage(op.route, op.tag - 1, op.tensor, op.send) for op in wave]
+                    with self.staging.issuing():
+                        batch = self._batch(wave, [u.sub for u in uses], self.payload_group)
+                self.staging.issued(uses, batch)
+            trailers = [op for op in ops if op.tag == TRAILER_TAG]
+            if trailers:
+                self._batch(trailers, [op.tensor for op in trailers], self.group)
         if not t.send_window_done and any(op.send for op in ops) and self.window_hook is not None:
             t.send_window_done = True
             self.window_hook("send", t.iteration)
+
+    def _batch(self, ops: list, tensors: list, group) -> Batch:
+        p2p = [dist.P2POp(dist.isend if op.send else dist.irecv, x,
+                          op.route.dst_rank if op.send else op.route.src_rank, group, op.tag)
+               for op, x in zip(ops, tensors)]
+        with peer_failures("GEMINI replication"):
+            batch = Batch(ops, dist.batch_isend_irecv(p2p), payload=group is not self.group)
+        self.transfer.issued.append(batch)
+        self.transfer.in_flight.append(batch)
+        return batch
+
+    def _wait(self, batch: Batch) -> None:
+        """Until `batch` completed, on the host (a NCCL work's wait() only orders a stream)."""
+        if batch.payload:
+            self.staging.wait(batch)
+        else:
+            batch.wait()
 
     def finish(self, observe: Callable | None = None) -> float:
         """The deadline: issue what is left, wait for everything, commit the replicas this
@@ -176,22 +230,27 @@ class Exchange:
             self._issue(key)
         timings, prev = [], t0
         with peer_failures("GEMINI replication"):
-            for _, ops, works in t.issued:
-                for op, w in zip(ops, works):
-                    w.wait()
+            for b in t.issued:
+                # gloo: one work per operation, each timed (unless waited for already); NCCL: one per batch
+                each = not b.waited and len(b.works) == len(b.ops)
+                parts = [([op], Batch([op], [w], b.payload)) for op, w in zip(b.ops, b.works)] if each else [(b.ops, b)]
+                for part, sub in parts:
+                    self._wait(sub)
                     now = time.perf_counter()
-                    if op.send and op.tag != TRAILER_TAG:
-                        n = op.tensor.numel()
+                    n = sum(op.tensor.numel() for op in part if op.send and op.tag != TRAILER_TAG)
+                    if n:
                         timings.append((n, now - prev))
                         self.bytes_sent += n
                     prev = now
+                b.waited = True
             t1 = time.perf_counter()
             tail = len(t.issued)
             self._issue(LAST)
-            for _, _, works in t.issued[tail:]:
-                for w in works:
-                    w.wait()
+            for b in t.issued[tail:]:
+                self._wait(b)
             alpha = time.perf_counter() - t1
+            if self.staging is not None:
+                self.staging.settle()   # every received chunk is in its store slot
         self._commit_received(t)
         self._ack(t)
         if observe is not None and self.out_routes:
@@ -240,9 +299,27 @@ class Exchange:
         """A peer failed: drop the transfer in flight (its group is going away); a replica
         being received stays uncommitted."""
         t, self.transfer = self.transfer, None
+        if self.staging is not None:
+            self.staging.reset()
         if t is not None:
             for w in t.writes.values():
                 self.store.abort(w)
+
+    def close(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+
+
+def _waves(ops: list, p: int) -> list[list]:
+    """One point's payload in batches holding at most p chunks of any route (its
+    sub-buffers), in order: the i-th chunk of a route at this point goes in wave i // p."""
+    waves, seen = [], {}
+    for op in ops:
+        i = seen[op.route] = seen.get(op.route, -1) + 1
+        if i // p == len(waves):
+            waves.append([])
+        waves[i // p].append(op)
+    return waves
 
 
 def _trailer(record: Callable | None, iteration: int, machine: str) -> Callable[[], torch.Tensor]:

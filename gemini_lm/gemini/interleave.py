@@ -7,11 +7,11 @@ Phases of a run, with `--gemini-interleave on`:
    replicated with the blocking schedule — sent eagerly after the step, the next
    iteration waiting for it — so a machine lost in the first iterations still has a peer
    copy, and the profiled iterations see no checkpoint traffic inside them.
-2. Measuring: those sends report how long their header (≈ α, the per-message cost) and
+2. Measuring: those sends report how long their trailer (≈ α, the per-message cost) and
    each chunk took, giving the bandwidth B.
 3. Interleaving: gaps = robust (median) idle gaps of the profiled iterations; the pure
-   planner (schedule.py) fills them with chunks of R/p bytes, the rest goes when the
-   update begins. The snapshot of iteration k is sent during iteration k+1. If sending it
+   planner (schedule.py) fills them with chunks of R/p bytes, at most p of a peer per
+   gap (one per sub-buffer), the rest goes when the update begins. The snapshot of iteration k is sent during iteration k+1. If sending it
    takes longer than mu of an iteration, it is spread over the gaps of k+1..k+j and only
    every j-th snapshot is replicated (the log says so; `--gemini-replication-interval`
    fixes j instead). Each chunk's moment is a *point* of the timeline (the iteration, and
@@ -109,7 +109,7 @@ class TrafficScheduler:
         profiled iterations carry no checkpoint traffic."""
         return not self.interleave or iteration <= self.profile_iters
 
-    # ---- measurements from the replicator ---------------------------------------------
+    # ---- measurements from the exchange ------------------------------------------------
     def observe(self, header_s: float, chunks: list[tuple[int, float]]) -> None:
         """One snapshot's send timings: the small header ≈ α; big chunks give B. Only
         the plan uses them: once it exists, nothing more is kept (a run can be long)."""
@@ -151,15 +151,6 @@ class TrafficScheduler:
         self._spread = spread
         return Profile(tuple(gaps), tuple(spread.points), update_s, spread.duration_median_s or update_s,
                        self.alpha if measured else math.inf, self.bandwidth if measured else 0.0)
-
-    def maybe_plan(self, peer_bytes: dict[str, int], iteration: int) -> None:
-        """One sender planning alone from its own profile (no agreement): if it is time
-        and the measurements exist."""
-        if not self.wants_plan(iteration):
-            return
-        p = self.local_profile()
-        if p is not None and p.bandwidth > 0:
-            self.adopt(p, {None: peer_bytes}, None)
 
     def adopt(self, profile: Profile | None, senders: dict, own) -> None:
         """Plan every sender's traffic (`senders[key] = {peer: nbytes}`) from the agreed

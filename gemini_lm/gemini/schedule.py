@@ -12,11 +12,13 @@ Assumptions:
   * One link: chunks to different peers go one after another over the machine's NIC,
     peers in the order given, each peer's bytes in offset order.
   * Gaps are usable only up to the update; time after it belongs to the next checkpoint.
+  * A gap holds at most p chunks of each peer (p sub-buffers per route, each reused only
+    once its chunk completed, which is checked at the next gap).
   * No chunk is smaller than `min_chunk_bytes` (default: the size whose transfer time
     equals alpha, capped at R/p), so per-message cost never dominates, except the last
     piece of a peer's data, which is whatever is left.
 
-Everything here is pure: the replicator feeds it numbers and executes the plan.
+Everything here is pure: the exchange feeds it numbers and executes the plan.
 """
 from __future__ import annotations
 
@@ -148,12 +150,16 @@ def _usable(gaps: Sequence[tuple[float, float]], update_s: float) -> list[tuple[
 
 def _fill_gap(inp: ScheduleInputs, stream: _Stream, start: float, end: float, gap_index: int,
               min_chunk: int, out: list[Chunk]) -> int:
-    """Greedily place chunks into one gap; return the number placed."""
+    """Greedily place chunks into one gap, at most p per peer (a gap's chunks are issued
+    together, one per sub-buffer, which is reused only at a later gap); return the
+    number placed."""
     budget = inp.mu * (end - start)
     if budget <= 0:
         return 0
-    used, placed = 0.0, 0
+    used, placed, per_peer = 0.0, 0, Counter()
     while not stream.done():
+        if per_peer[stream.items[stream.index][0]] >= inp.num_buffers:
+            break   # this peer's sub-buffers are full until a later gap; the stream is in peer order
         room = budget - used - inp.alpha
         if room < 0:
             break
@@ -166,6 +172,7 @@ def _fill_gap(inp: ScheduleInputs, stream: _Stream, start: float, end: float, ga
         if size <= 0 or (size < min_chunk and size < remaining):
             break
         peer, offset = stream.take(size)
+        per_peer[peer] += 1
         out.append(Chunk(peer, offset, size, gap_index, start + used, inp.cost(size)))
         used += inp.cost(size)
         placed += 1

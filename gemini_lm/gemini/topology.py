@@ -1,7 +1,7 @@
 """GeminiTopology: who holds which shard on which machine, and where each copy is sent.
 
 Built once at start-up from one all-gather of every rank's RankInfo, then frozen and
-handed to whatever needs it (restore, replicator, persister), like torchtitan's
+handed to whatever needs it (restore, exchange, persister), like torchtitan's
 ParallelDims: nobody asks the Checkpointer for ranks, machines or routes.
 
 - a machine's *leader* is its lowest rank: it reads its machine's store at recovery and

@@ -43,12 +43,6 @@ class CollectiveTimeline:
         self._done: collections.deque[IterationTimeline] = collections.deque(maxlen=keep)
         self._current: IterationTimeline | None = None
         self._lock = threading.Lock()  # DP bucket hooks may complete on another thread
-        # The threaded (nccl) replicator waits on this for "iteration i reached point p" /
-        # "its update began".
-        self._changed = threading.Condition()
-        self._last_iteration = 0          # newest iteration begun
-        self._last_update = 0             # newest iteration whose update began
-        self._released = False
         self.enabled = True
         self.on_point = None              # Callable[[int, int | None], None]: the checkpoint exchange
 
@@ -58,10 +52,7 @@ class CollectiveTimeline:
             hook(cur.iteration, point)
 
     def begin_iteration(self, iteration: int) -> None:
-        with self._changed:
-            self._current = IterationTimeline(iteration, time.perf_counter())
-            self._last_iteration = iteration
-            self._changed.notify_all()
+        self._current = IterationTimeline(iteration, time.perf_counter())
         self._point(self._current, 0)
 
     def mark_update(self) -> None:
@@ -69,10 +60,7 @@ class CollectiveTimeline:
         cur = self._current
         if cur is None:
             return
-        with self._changed:
-            cur.update_start = time.perf_counter() - cur.t0
-            self._last_update = cur.iteration
-            self._changed.notify_all()
+        cur.update_start = time.perf_counter() - cur.t0
         self._point(cur, None)
 
     def end_iteration(self) -> None:
@@ -83,26 +71,6 @@ class CollectiveTimeline:
         with self._lock:
             self._done.append(cur)
         self._current = None
-
-    def wait_until(self, iteration: int, point: int | None, timeout: float | None = None) -> bool:
-        """Block until `iteration` reached `point` (None: its update began), or a later
-        iteration has begun. False on timeout."""
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        with self._changed:
-            while True:
-                if self._last_iteration > iteration or self._released:
-                    return True
-                remaining = None if deadline is None else deadline - time.perf_counter()
-                if remaining is not None and remaining <= 0:
-                    return False
-                if self._last_iteration == iteration:
-                    cur = self._current
-                    if point is None:
-                        if self._last_update >= iteration:
-                            return True
-                    elif cur is None or cur.iteration != iteration or cur.points >= point:
-                        return True   # reached, or the iteration is over
-                self._changed.wait(remaining)
 
     def now(self) -> float:
         """Seconds since the current iteration began (0 outside an iteration)."""
@@ -121,9 +89,7 @@ class CollectiveTimeline:
             with self._lock:
                 cur.spans.append(span)
         if point:
-            with self._changed:
-                cur.points += 1
-                self._changed.notify_all()
+            cur.points += 1
             self._point(cur, cur.points)
 
     @contextlib.contextmanager
@@ -134,20 +100,6 @@ class CollectiveTimeline:
             ok = True
         finally:   # a failed collective is recorded, but no traffic goes at it
             self.record(kind, group, nbytes, start, time.perf_counter(), point=ok)
-
-    def release_waiters(self) -> None:
-        """Training is over: no iteration will come, so nobody should wait for one."""
-        with self._changed:
-            self._released = True
-            self._changed.notify_all()
-
-    def resume(self) -> None:
-        """Training goes on after a recovery: waiters wait again; the iteration counters
-        restart from the rolled-back iteration."""
-        with self._changed:
-            self._released = False
-            self._last_iteration = self._last_update = 0
-            self._current = None
 
     def iterations(self) -> list[IterationTimeline]:
         with self._lock:

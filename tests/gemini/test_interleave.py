@@ -1,7 +1,8 @@
 """Replication on 4 gloo ranks (4 simulated machines, TP=4, m=2): while profiling, each
 snapshot is on its peer before the next iteration starts (the blocking schedule); past
 profiling, each peer holds a complete, checksum-valid replica of the previous one at the
-start of every iteration (interleaved); recovery from a peer continues bit for bit."""
+start of every iteration (interleaved); recovery from a peer continues bit for bit. Over
+gloo and through the staged mode of `--gemini-transport nccl` (`gloo-staged`: its code on CPU)."""
 import pytest
 import os
 import shutil
@@ -59,12 +60,13 @@ def _checking_body(rank, world_size, argv, root):
     return len(seen)
 
 
-def test_interleaved_replicas_are_complete_every_iteration(byte_corpus, tmp_path):
+@pytest.mark.parametrize("transport", ["gloo", "gloo-staged"])   # gloo-staged: the nccl path's code
+def test_interleaved_replicas_are_complete_every_iteration(byte_corpus, tmp_path, transport):
     ref_log, ref = _argv(byte_corpus, tmp_path / "ref", "ref", 14, "--no-gemini")
     run_pretrain(tmp_path, ref, world_size=4)
     reference = dict(read_losses(ref_log))
 
-    log, argv = _argv(byte_corpus, tmp_path, "run", 10)
+    log, argv = _argv(byte_corpus, tmp_path, "run", 10, "--gemini-transport", transport)
     assert run_ranks(_checking_body, 4, tmp_path, args=(argv, str(tmp_path / "shm")),
                      timeout_s=180) == [10] * 4
     planned = [r for r in read_metrics(log) if "gemini_interleave_leftover_bytes" in r]
@@ -72,7 +74,7 @@ def test_interleaved_replicas_are_complete_every_iteration(byte_corpus, tmp_path
     assert read_losses(log) == [(i, reference[i]) for i in range(1, 11)]   # GEMINI changes nothing
 
     shutil.rmtree(tmp_path / "shm" / "j" / "m0")     # machine 0 lost
-    log2, argv2 = _argv(byte_corpus, tmp_path, "after", 14)
+    log2, argv2 = _argv(byte_corpus, tmp_path, "after", 14, "--gemini-transport", transport)
     run_pretrain(tmp_path, argv2, world_size=4, machines=MACHINES)
     [rec] = read_recoveries(log2)
     assert (rec["source"], rec["iteration"]) == ("peer", 10)

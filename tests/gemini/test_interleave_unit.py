@@ -1,13 +1,10 @@
 """Single-process tests of the traffic scheduler (which snapshots travel, in which chunks,
-at which timeline point) and of CollectiveTimeline.wait_until.
+at which timeline point).
 
 The scheduler plans from a profile of iterations; here that profile is written out
-(collectives at fixed offsets) so the plan is exact. The waits use real threads and a
-real timeline, with timings of tens of milliseconds.
+(collectives at fixed offsets) so the plan is exact.
 """
 import math
-import threading
-import time
 
 import pytest
 
@@ -39,6 +36,14 @@ class _Profile:
     def iterations(self) -> list[IterationTimeline]:
         return list(self._its)
 
+
+
+def _plan(ts, peer_bytes, iteration):
+    """One sender planning alone from its own profile, as the agreement would on one rank:
+    if it is time and something was measured."""
+    p = ts.local_profile() if ts.wants_plan(iteration) else None
+    if p is not None and p.bandwidth > 0:
+        ts.adopt(p, {None: peer_bytes}, None)
 
 def _scheduler(interleave: str = "on", logs: list | None = None) -> TrafficScheduler:
     gcfg = GeminiConfig(gemini_interleave=interleave, gemini_profile_iters=PROFILE,
@@ -86,7 +91,7 @@ def test_alpha_and_bandwidth_from_observed_sends():
 
 def test_measurements_stop_once_planned_or_unused():
     ts = _measured(_scheduler())
-    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
+    _plan(ts, {"m1": 8 * 10**6}, PROFILE + 1)
     assert ts.plan is not None
     kept = (len(ts.alpha_samples), len(ts.bandwidth_samples))
     for _ in range(100):                               # every later snapshot of a long run
@@ -113,23 +118,23 @@ def test_no_plan_and_no_gated_chunk_while_profiling():
     # a plan made then would gate a chunk on an iteration the waiting step cannot reach.
     ts = _measured(_scheduler())
     for it in range(1, PROFILE + 1):
-        ts.maybe_plan({"m1": 8 * 10**6}, it)
+        _plan(ts, {"m1": 8 * 10**6}, it)
         assert ts.plan is None
         assert all(when is None for _, _, when in ts.chunks("m1", 8 * 10**6, it))
-    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
+    _plan(ts, {"m1": 8 * 10**6}, PROFILE + 1)
     assert ts.plan is not None
     assert all(when is None for _, _, when in ts.chunks("m1", 8 * 10**6, PROFILE))   # a late one still goes at once
 
 
 def test_no_plan_without_measurements_or_with_interleaving_off():
     ts = _scheduler()
-    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
+    _plan(ts, {"m1": 8 * 10**6}, PROFILE + 1)
     assert ts.plan is None                            # nothing measured yet
     ts.observe(ALPHA, [(MIB, ALPHA + MIB / BANDWIDTH)])
-    ts.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
+    _plan(ts, {"m1": 8 * 10**6}, PROFILE + 1)
     assert ts.plan is None                            # one bandwidth sample is not enough
     off = _measured(_scheduler("off"))
-    off.maybe_plan({"m1": 8 * 10**6}, PROFILE + 1)
+    _plan(off, {"m1": 8 * 10**6}, PROFILE + 1)
     assert off.plan is None
     assert all(when is None for _, _, when in off.chunks("m1", 8 * 10**6, 5))
 
@@ -140,7 +145,7 @@ def test_plan_fills_the_gaps_of_the_next_iteration_and_leaves_the_rest_for_its_u
     ts = _measured(_scheduler(logs=logs))
     nbytes = 8 * 10**6          # 80 ms to send: more than the gaps offer (64 ms), less than mu*120 ms
     assert ts.replicate(PROFILE + 1)
-    ts.maybe_plan({"m1": nbytes, "m2": 10**6}, PROFILE + 1)
+    _plan(ts, {"m1": nbytes, "m2": 10**6}, PROFILE + 1)
     assert ts.plan is not None and ts.every == 1
     assert [line for line in logs if "interleaving plan" in line]
     assert not [line for line in logs if "every" in line and "iterations" in line]
@@ -174,7 +179,7 @@ def test_a_checkpoint_slower_than_an_iteration_goes_every_j_iterations():
     nbytes = 20 * 10**6         # ~200 ms to send, mu * iteration = 96 ms: j = 3
     first = PROFILE + 1
     assert ts.replicate(first)
-    ts.maybe_plan({"m1": nbytes}, PROFILE + 1)
+    _plan(ts, {"m1": nbytes}, PROFILE + 1)
     send_s = math.ceil(nbytes / ts.chunk_bytes) * ALPHA + nbytes / BANDWIDTH
     j = math.ceil(send_s / (0.8 * ITERATION_S))
     assert j == 3 and ts.every == j and ts.plan.iterations == j
@@ -204,102 +209,6 @@ def test_the_cadence_restarts_at_the_planned_snapshot():
     first = PROFILE + 1
     assert ts.replicate(first)                     # eager (no plan yet)
     assert ts.replicate(first + 1)
-    ts.maybe_plan({"m1": 20 * 10**6}, first + 1)  # j = 3, planned on snapshot first + 1
+    _plan(ts, {"m1": 20 * 10**6}, first + 1)  # j = 3, planned on snapshot first + 1
     assert ts.every == 3
     assert [ts.replicate(i) for i in range(first + 2, first + 8)] == [False, False, True] * 2
-
-
-# ---- CollectiveTimeline.wait_until --------------------------------------------------------
-class _Waiter:
-    """wait_until on a thread; records when it returned and what."""
-
-    def __init__(self, timeline: CollectiveTimeline, *args, **kwargs):
-        self.result, self.returned_at = None, None
-        self.thread = threading.Thread(target=self._run, args=(timeline, args, kwargs), daemon=True)
-        self.thread.start()
-
-    def _run(self, timeline, args, kwargs):
-        self.result = timeline.wait_until(*args, **kwargs)
-        self.returned_at = time.perf_counter()
-
-    def join(self, timeout: float = 60.0):
-        """Generous: a loaded machine may not run the thread for a while. Returning before the
-        event a test has not caused yet is what tells the reason, not how fast it returned."""
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "wait_until did not return"
-        return self.result
-
-
-def _collective(tl):
-    tl.record("all_reduce", "tp", 64, time.perf_counter(), time.perf_counter())
-
-
-def test_wait_until_returns_when_the_iteration_reaches_a_point():
-    tl = CollectiveTimeline()
-    tl.begin_iteration(4)
-    early = _Waiter(tl, 5, 0)               # iteration 5 has not begun yet
-    time.sleep(0.05)
-    assert early.thread.is_alive()
-    tl.begin_iteration(5)
-    assert early.join() is True             # point 0: the iteration's start
-    late = _Waiter(tl, 5, 2)
-    _collective(tl)
-    time.sleep(0.05)
-    assert late.thread.is_alive()           # one collective returned: point 1, not 2
-    _collective(tl)
-    assert late.join() is True
-    assert _Waiter(tl, 5, 1).join() is True                   # a point already past
-    tl.end_iteration()
-    assert _Waiter(tl, 5, 99).join() is True                  # the iteration is over
-
-
-def test_wait_until_the_update_mark():
-    tl = CollectiveTimeline()
-    tl.begin_iteration(1)
-    w = _Waiter(tl, 1, None)
-    time.sleep(0.05)
-    assert w.thread.is_alive()              # collectives and gaps go by: still waiting
-    _collective(tl)
-    time.sleep(0.02)
-    assert w.thread.is_alive()
-    tl.mark_update()
-    assert w.join() is True
-    assert _Waiter(tl, 1, None).join() is True                # already marked
-
-
-def test_wait_until_returns_when_a_later_iteration_starts():
-    tl = CollectiveTimeline()
-    tl.begin_iteration(1)
-    for_update = _Waiter(tl, 1, None)
-    far_offset = _Waiter(tl, 1, 30)
-    time.sleep(0.05)
-    assert for_update.thread.is_alive() and far_offset.thread.is_alive()
-    tl.end_iteration()
-    tl.begin_iteration(2)
-    assert for_update.join() is True and far_offset.join() is True
-    assert _Waiter(tl, 1, 30).join() is True
-
-
-def test_release_waiters_frees_everyone():
-    tl = CollectiveTimeline()
-    tl.begin_iteration(1)
-    waiters = [_Waiter(tl, 3, None), _Waiter(tl, 2, 0), _Waiter(tl, 1, None)]
-    time.sleep(0.05)
-    assert all(w.thread.is_alive() for w in waiters)
-    tl.release_waiters()
-    assert [w.join() for w in waiters] == [True] * 3
-    assert _Waiter(tl, 9, None).join() is True                # and whoever comes later
-
-
-def test_wait_until_times_out():
-    # On threads (_Waiter), so a wait that ignored its timeout fails the test instead of hanging it.
-    tl = CollectiveTimeline()
-    t0 = time.perf_counter()
-    nothing = _Waiter(tl, 1, None, timeout=0.05)               # no iteration at all
-    assert nothing.join() is False and nothing.returned_at - t0 >= 0.05
-    tl.begin_iteration(1)
-    # No collective will return: returning at all (and False) means the timeout ended it.
-    t0 = time.perf_counter()
-    far = _Waiter(tl, 1, 3600, timeout=0.05)
-    assert far.join() is False and far.returned_at - t0 >= 0.05
-    assert _Waiter(tl, 1, None, timeout=0.0).join() is False

@@ -12,7 +12,7 @@ MB = 1_000_000
 
 def _inputs(**kw):
     base = dict(gaps=[(0.0, 0.0105)], update_s=0.02, peer_bytes={"p1": 15 * MB},
-                buffer_bytes=4 * MB, num_buffers=4, bandwidth=1e9, alpha=0.0, mu=1.0)
+                buffer_bytes=16 * MB, num_buffers=16, bandwidth=1e9, alpha=0.0, mu=1.0)
     base.update(kw)
     return ScheduleInputs(**base)
 
@@ -33,6 +33,8 @@ def _check_plan(plan):
     for i, (start, end) in enumerate(plan.gaps):
         mine = [c for c in plan.chunks if c.gap_index == i]
         assert len(mine) == plan.gap_chunks[i] and sum(c.nbytes for c in mine) == plan.gap_bytes[i]
+        for peer in inp.peer_bytes:   # one sub-buffer per chunk of a route in a gap
+            assert sum(1 for c in mine if c.peer == peer) <= inp.num_buffers
         t = start
         for c in mine:
             assert c.planned_start_s == pytest.approx(t, abs=tol)
@@ -65,6 +67,16 @@ def test_fills_gap_with_full_chunks_then_a_tail():
     assert plan.leftover_bytes == 15 * MB - plan.gap_bytes[0]
     assert plan.predicted_extra_s == pytest.approx(plan.leftover_bytes / 1e9)
     assert "MiB" in plan.describe() and "before the update" in plan.describe()
+
+
+def test_a_gap_holds_at_most_p_chunks_of_a_peer():
+    # Room for 10.5 chunks, 4 sub-buffers: 4 chunks of each peer, the rest in the next gap
+    # (a sub-buffer is reused only once its chunk completed, seen at a later point).
+    plan = plan_schedule(_inputs(buffer_bytes=4 * MB, num_buffers=4, peer_bytes={"a": 3 * MB, "b": 15 * MB},
+                                 gaps=[(0.0, 0.0105), (0.011, 0.0125)]))
+    _check_plan(plan)
+    assert [(c.peer, c.gap_index) for c in plan.chunks[:9]] == [("a", 0)] * 3 + [("b", 0)] * 4 + [("b", 1)] * 2
+    assert plan.gap_bytes == [7 * MB, 1_500_000] and plan.leftover_bytes == 18 * MB - 8_500_000
 
 
 def test_safety_factor_and_alpha_shrink_capacity():

@@ -7,7 +7,8 @@ agreed order) is then kept by construction; gloo runs the same code, so CI check
 The record is taken at the ProcessGroup level (its methods wrapped in the ranks' own
 processes, calling the real ones): whatever layer issues an operation, it is seen.
 Replication stays correct: each machine ends with a checksum-valid replica of the
-other's final snapshot."""
+other's final snapshot. The staged mode (`--gemini-transport nccl`; `gloo-staged` is its code
+on CPU) is checked alike: its copier thread only copies."""
 import os
 import threading
 import traceback
@@ -41,7 +42,7 @@ def _instrument(calls: list) -> None:
 
         def wrapped(self, *args, _real=real, _name=name, **kwargs):
             at_point = _name in ("send", "recv") and any(f.name == "at_point" for f in traceback.extract_stack())
-            calls.append((_name, threading.get_ident(), threading.current_thread().name, at_point))
+            calls.append((_name, threading.get_ident(), threading.current_thread().name, at_point, id(self)))
             return _real(self, *args, **kwargs)
 
         setattr(pg, name, wrapped)
@@ -60,8 +61,9 @@ def _body(rank, world_size, argv, root):
     pretrain_gpt.pretrain(cfg, pretrain_gpt.model_provider, pretrain_gpt.datasets_provider,
                           pretrain_gpt.gpt_forward_step)
     trainer = threading.main_thread().ident   # run_ranks trains on the process's main thread
-    others = sorted({(name, thread) for name, ident, thread, _ in calls if ident != trainer})
-    at_points = sum(1 for name, _, _, p in calls if p)
+    others = sorted({(name, thread) for name, ident, thread, _, _ in calls if ident != trainer})
+    at_points = sum(1 for name, _, _, p, _ in calls if p)
+    groups = len({group for _, _, _, p, group in calls if p})   # staged: the payload group too
     # The other machine's final snapshot of this rank's peer shard, received here intact.
     peer_shard = shard_id(1 - rank)
     store = MemoryStore(root, "j", MACHINES[rank])
@@ -69,19 +71,22 @@ def _body(rank, world_size, argv, root):
     for rec in store.records(peer_shard):
         with store.open(rec, verify=True):
             pass
-    return others, at_points, max(replicas, default=None), len(calls)
+    return others, at_points, max(replicas, default=None), len(calls), groups
 
 
-def test_only_the_training_thread_issues_collectives_and_p2p(byte_corpus, tmp_path):
+@pytest.mark.parametrize("transport", ["gloo", "gloo-staged"])   # gloo-staged: the nccl path's code
+def test_only_the_training_thread_issues_collectives_and_p2p(byte_corpus, tmp_path, transport):
     argv = tiny_gpt_args(byte_corpus, str(tmp_path / "log"), "--train-iters", str(ITERS),
+                         "--gemini-transport", transport,
                          "--lr-decay-iters", "20", "--tensor-model-parallel-size", "2",
                          "--gemini-store-dir", str(tmp_path / "shm"), "--gemini-job-id", "j",
                          "--gemini-keep-store", "--gemini-profile-iters", str(PROFILE),
                          "--gemini-buffer-mb", "0.25", "--gemini-replication-interval", "1",
                          "--save", str(tmp_path / "ckpt"), "--save-interval", "3")
     results = run_ranks(_body, 2, tmp_path, args=(argv, str(tmp_path / "shm")), timeout_s=180)
-    for others, at_points, newest_replica, total in results:
+    for others, at_points, newest_replica, total, groups in results:
         assert total > 100                     # the instrument saw the run's traffic
         assert others == [], others            # no thread but the trainer issued anything
         assert at_points > 0                   # chunks went at points inside iterations
         assert newest_replica == ITERS         # the last snapshot reached the peer, intact
+        assert groups == (2 if transport == "gloo-staged" else 1)   # payload and trailers; or one group

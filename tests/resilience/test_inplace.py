@@ -59,9 +59,11 @@ def test_worker_kill_is_recovered_in_place(byte_corpus, reference, tmp_path):
     _continued_exactly(reference, log_dir)
 
 
-def test_machine_kill_is_taken_over_by_a_warm_spare(byte_corpus, reference, tmp_path):
+@pytest.mark.parametrize("transport", ["auto", "gloo-staged"])   # gloo-staged: the nccl path's code
+def test_machine_kill_is_taken_over_by_a_warm_spare(byte_corpus, reference, tmp_path, transport):
     log_dir = str(tmp_path)
-    run_cluster(log_dir, byte_corpus, injections=("machine:1@iteration=6",), cluster_flags=("--spares", "1"))
+    run_cluster(log_dir, byte_corpus, injections=("machine:1@iteration=6",), cluster_flags=("--spares", "1"),
+                train_flags=("--gemini-transport", transport))
     rec = _one(log_dir)
     assert (rec["path"], rec["source"], rec["failure_kind"]) == ("inplace", "peer", "machine")
     assert rec["bytes_moved"] > 0 and rec["iterations_lost"] <= 1
