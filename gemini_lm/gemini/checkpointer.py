@@ -161,10 +161,10 @@ class Checkpointer:
             self.store.prepare(self.shard, self.layout.nbytes)
 
     # ---- in-place recovery --------------------------------------------------------------
-    def abandon(self) -> bool:
+    def abandon(self) -> None:
         """A peer failed: let the snapshot in flight commit, stop checkpoint traffic and drop
-        its groups. True: nothing of ours still uses them (the training thread issued all
-        the traffic, so nothing else can be blocked in it)."""
+        its groups. Nothing of ours can still be blocked in them: the training thread issued
+        all the traffic (the staging copier only copies)."""
         try:
             if self._pending is not None:
                 self._pending.result()
@@ -178,7 +178,6 @@ class Checkpointer:
             self.exchange = None
         self._unpin_sending()
         self.repl_group = self.payload_group = None
-        return True
 
     def reform(self) -> dict:
         """In a new generation (its default group initialized, ParallelState rebuilt): new

@@ -292,11 +292,9 @@ def recover_in_place(exc: BaseException, inplace: InPlace, ps, ddp, checkpointer
     log.warning(f"{type(exc).__name__} after iteration {failures.iteration}: recovering in place", extra=ALL_RANKS)
     while True:
         failures.restarted_clock(ps.rank)
-        stopped = checkpointer.abandon()
+        checkpointer.abandon()
         ddp.abandon_grad_sync()
         ps.drop_groups()
-        if not stopped:
-            raise ColdFallback("a replication thread did not stop")
         if dist.is_initialized():
             if "nccl" in str(dist.get_backend()):
                 # NCCL communicators may still wait on the dead peer: abort them first, or
