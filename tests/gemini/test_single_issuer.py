@@ -63,24 +63,32 @@ def _body(rank, world_size, argv, root):
     others = sorted({(name, thread) for name, ident, thread, _ in calls if ident != trainer})
     at_points = sum(1 for name, _, _, p in calls if p)
     # The other machine's final snapshot of this rank's peer shard, received here intact.
-    peer_shard = shard_id(1 - rank)
+    peer_shard = shard_id(0, 1 - rank) if cfg.parallel.use_distributed_optimizer else shard_id(1 - rank)
     store = MemoryStore(root, "j", MACHINES[rank])
     replicas = [r.iteration for r in store.records(peer_shard) if r.source == MACHINES[1 - rank]]
     for rec in store.records(peer_shard):
         with store.open(rec, verify=True):
             pass
-    return others, at_points, max(replicas, default=None), len(calls)
+    return others, at_points, max(replicas, default=None), len(calls), sorted({name for name, *_ in calls})
 
 
-def test_only_the_training_thread_issues_collectives_and_p2p(byte_corpus, tmp_path):
+@pytest.mark.parametrize("parallel", [("--tensor-model-parallel-size", "2"),
+                                      ("--tensor-model-parallel-size", "1", "--use-distributed-optimizer",
+                                       "--overlap-param-gather")], ids=["tp2", "dp2_overlap_param_gather"])
+def test_only_the_training_thread_issues_collectives_and_p2p(byte_corpus, tmp_path, parallel):
+    """DP=2 with --overlap-param-gather: the param all-gather is launched by the update and
+    waited for by the next forward, both on the training thread, at the same points everywhere."""
     argv = tiny_gpt_args(byte_corpus, str(tmp_path / "log"), "--train-iters", str(ITERS),
-                         "--lr-decay-iters", "20", "--tensor-model-parallel-size", "2",
+                         "--lr-decay-iters", "20", *parallel,
                          "--gemini-store-dir", str(tmp_path / "shm"), "--gemini-job-id", "j",
                          "--gemini-keep-store", "--gemini-profile-iters", str(PROFILE),
                          "--gemini-buffer-mb", "0.25", "--gemini-replication-interval", "1",
                          "--save", str(tmp_path / "ckpt"), "--save-interval", "3")
     results = run_ranks(_body, 2, tmp_path, args=(argv, str(tmp_path / "shm")), timeout_s=180)
-    for others, at_points, newest_replica, total in results:
+    if "--use-distributed-optimizer" in parallel:   # each DP rank is its own shard
+        assert all(any(name in ("all_gather_single", "_allgather_base") for name in names)
+                   for *_, names in results)
+    for others, at_points, newest_replica, total, _ in results:
         assert total > 100                     # the instrument saw the run's traffic
         assert others == [], others            # no thread but the trainer issued anything
         assert at_points > 0                   # chunks went at points inside iterations
