@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gemini_lm.parallel import comm
 from gemini_lm.errors import PeerLostError
+from gemini_lm.parallel import comm
 from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.state import ParallelState
 
