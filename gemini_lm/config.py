@@ -64,6 +64,8 @@ class ParallelConfig:
     distributed_timeout_seconds: float | None = _f(None, "seconds-level override, so a dead peer is noticed fast")
     use_distributed_optimizer: bool = _f(False, "shard the fp32 masters and Adam moments over data-parallel "
                                                 "ranks (ZeRO-1)")
+    overlap_param_gather: bool = _f(False, "with --use-distributed-optimizer: all-gather the updated params "
+                                           "asynchronously, waited for at the next forward")
 
 
 @dataclass
@@ -304,6 +306,8 @@ def validate(cfg: Config, world_size: int) -> None:
                          f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
     if t.bf16 and t.fp16:
         raise UsageError("--bf16 and --fp16 are mutually exclusive")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise UsageError("--overlap-param-gather needs --use-distributed-optimizer")
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.train_iters
     if t.lr_warmup_iters > t.lr_decay_iters:

@@ -89,6 +89,7 @@ def _encoded_elsewhere(prefix: str) -> None:
     (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no such directory"),
     (["--device", "cpu", "--gemini-transport", "nccl"], "--gemini-transport nccl needs --device cuda"),
     (["--persistent-bandwidth-mbs", "-5"], "--persistent-bandwidth-mbs -5.0: must be a number >= 0"),
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
 ])
 def test_bad_flags(run, flags, message):
     assert_usage_error(*run(*flags), message)

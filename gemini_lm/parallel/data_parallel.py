@@ -13,12 +13,20 @@ overlaps the rest of backward; `finish_grad_sync()` waits for all of them.
 With `use_distributed_optimizer` (ZeRO-1, training/distrib_optimizer.py) the parameters
 also move into one flat `param_buffer` laid out like the gradient buffer and padded to a
 multiple of the DP size: DP rank r owns the contiguous range `shard_range(r)` of both, and
-the updated parameters come back with one all-gather into that buffer. The gradients are
-still all-reduced, not reduce-scattered (see distrib_optimizer.py for why).
+the updated parameters come back with one all-gather into that buffer
+(`start_param_sync()`). The gradients are still all-reduced, not reduce-scattered (see
+distrib_optimizer.py for why). With `overlap_param_gather` (`--overlap-param-gather`) that
+all-gather is launched asynchronously and waited for by `finish_param_sync()`, which a
+forward pre-hook on the module calls, as Megatron's does: whatever runs between the update
+and the next forward (the GEMINI snapshot, logging, the next batch's loading) overlaps it.
+Every other reader of the whole params calls finish_param_sync() itself (distrib_optimizer.py).
 
-Every bucket all-reduce is recorded on `ps.timeline` (group "dp"), from its launch to the
-moment its `wait()` returns: the host cannot know it finished any earlier, so the span
-errs on the side of "busy", which is the safe side for GEMINI's traffic scheduler.
+Every bucket all-reduce and the param all-gather are recorded on `ps.timeline` (group
+"dp"), from the launch to the moment `wait()` returns: the host cannot know they finished
+any earlier, so the span errs on the side of "busy", which is the safe side for GEMINI's
+traffic scheduler. An overlapped all-gather is recorded where it is waited for, so it
+counts as a collective of the iteration whose forward waits (its span then starts before
+that iteration did), and every rank sees the same timeline points in program order.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gemini_lm.errors import PeerLostError
 from gemini_lm.parallel import comm
 from gemini_lm.parallel.comm import peer_failures
 from gemini_lm.parallel.state import ParallelState
@@ -55,10 +64,13 @@ class DistributedDataParallel(nn.Module):
     views are made here, for the parameters as they are now."""
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, bucket_size_mb: float = 25.0,
-                 grad_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False):
+                 grad_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
+                 overlap_param_gather: bool = False):
         super().__init__()
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be positive, got {bucket_size_mb}")
+        if overlap_param_gather and not use_distributed_optimizer:
+            raise ValueError("overlap_param_gather needs use_distributed_optimizer")
         self.module = module
         self.ps = ps
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -91,6 +103,13 @@ class DistributedDataParallel(nn.Module):
                 members, start = [], offset
 
         self.param_buffer = self._make_param_buffer(total) if use_distributed_optimizer else None
+        self.overlap_param_gather = overlap_param_gather
+        self._param_handle = None        # the param all-gather in flight (overlap_param_gather)
+        self._param_input = None         # its input, alive until it completes
+        self._param_launch_time = 0.0
+        if overlap_param_gather:
+            # Every forward (training and evaluation alike) waits for the params first.
+            module.register_forward_pre_hook(lambda _module, _args: self.finish_param_sync())
 
         self._sync_enabled = True
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -118,6 +137,56 @@ class DistributedDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def start_param_sync(self, force_sync: bool = False) -> None:
+        """Distributed optimizer: all-gather every DP rank's owned range of param_buffer into
+        every rank's buffer, after the ranks updated their ranges. Blocking unless
+        overlap_param_gather (and not `force_sync`): then finish_param_sync() waits."""
+        if self.ps.dp_size == 1:
+            return
+        self.finish_param_sync()   # one at a time: a second launch would race the first's writes
+        size, rank = self.shard_size, self.ps.dp_rank
+        # The input must not alias the output; the clone holds exactly the bytes the
+        # all-gather writes back into this rank's own range.
+        self._param_input = self.param_buffer[rank * size:(rank + 1) * size].clone()
+        self._param_launch_time = time.perf_counter()
+        with peer_failures("DP param all-gather"):
+            self._param_handle = all_gather_into_tensor(self.param_buffer, self._param_input,
+                                                        self.ps.dp_group, async_op=True)
+        if force_sync or not self.overlap_param_gather:
+            self.finish_param_sync()
+
+    def finish_param_sync(self) -> None:
+        """Wait for the param all-gather in flight, if any; recorded on the timeline here.
+        Idempotent: a no-op when nothing is in flight."""
+        handle = self._param_handle
+        if handle is None:
+            return
+        self._param_handle = None
+        ok = False
+        try:
+            comm.wait(handle, "DP param all-gather")
+            ok = True
+        finally:   # a failed one is recorded, but it is no timeline point (as timeline.span)
+            self._param_input = None
+            nbytes = self.param_buffer.numel() * self.param_buffer.element_size()
+            self.ps.timeline.record("all_gather", "dp", nbytes, self._param_launch_time,
+                                    time.perf_counter(), point=ok)
+
+    def abandon_param_sync(self) -> None:
+        """A peer failed: the group of an all-gather in flight is about to be destroyed.
+        Wait for it first, so that it no longer writes into param_buffer when the restore
+        does: it completes, or fails at once because its peer is gone (on CUDA the wait
+        orders the current stream after it; the abort then ends it). Its failure is the
+        one being recovered from; the restore rewrites every param."""
+        handle, self._param_handle = self._param_handle, None
+        try:
+            if handle is not None:
+                comm.wait(handle, "DP param all-gather")
+        except PeerLostError:
+            pass
+        finally:
+            self._param_input = None
 
     @torch.no_grad()
     def _on_grad_ready(self, param: nn.Parameter) -> None:
@@ -186,3 +255,10 @@ class DistributedDataParallel(nn.Module):
         for bucket in self.buckets:
             bucket.ready.clear()
             bucket.launched = False
+
+
+def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
+    """dist.all_gather_into_tensor; torch 2.13 renamed it all_gather_single (and deprecated
+    the old name)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, inp, group=group, async_op=async_op)

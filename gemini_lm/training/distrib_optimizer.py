@@ -12,6 +12,20 @@ A step:
      the full gradients (MegatronOptimizer.step)
   3. AdamW on the owned pieces of each parameter (views into the flat state)
   4. the owned range of the param buffer is all-gathered over DP into every rank's buffer
+     (ddp.start_param_sync); with --overlap-param-gather asynchronously, see below
+
+--overlap-param-gather (Megatron's flag): the all-gather is launched at the end of the
+update and waited for (ddp.finish_param_sync) just before the params are next read: by a
+forward pre-hook (training and evaluation), by a persistent save (state_tensors(gathered=
+True)), by loading, at the end of training, and by in-place recovery before it destroys
+the group (ddp.abandon_param_sync). Megatron overlaps it bucket by bucket with the next
+forward, each layer waiting only for its own bucket; that needs every DP rank to own a
+piece of every bucket. Here DP rank r owns a contiguous range of the whole buffer, so the
+first layer's params come from every rank only once the whole all-gather is done: what
+the flag overlaps is what runs between the update and the next forward (the GEMINI
+snapshot, which reads only this rank's own range; logging; the next batch's loading),
+and a per-bucket overlap would need another slice layout (and another snapshot layout).
+Losses are bit-identical with and without it: the same bytes land in the same buffer.
 
 Why an all-reduce and not Megatron's reduce-scatter: losses must equal the plain
 optimizer's bit for bit. gloo's reduce_scatter_tensor did give exactly the all-reduce's
@@ -40,10 +54,10 @@ pieces from the masters, the rest by the all-gather, so every DP rank must load 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gemini_lm.parallel.comm import peer_failures
+from gemini_lm.parallel.data_parallel import all_gather_into_tensor
 from gemini_lm.training.optimizer import MegatronOptimizer, _is_no_decay, make_adamw
 
 SHARD = "optimizer/shard/"
@@ -122,17 +136,7 @@ class DistributedOptimizer(MegatronOptimizer):
         if self._master is not None:
             for x in self._pieces:
                 self._params[x.index][1].detach().view(-1)[x.start:x.end].copy_(x.master)
-        self._all_gather_params()
-
-    def _all_gather_params(self) -> None:
-        ps, buffer = self.ps, self.ddp.param_buffer
-        if ps.dp_size == 1:
-            return
-        size = self.ddp.shard_size
-        own = buffer[ps.dp_rank * size:(ps.dp_rank + 1) * size].clone()   # input must not alias output
-        with peer_failures("DP param all-gather"), \
-                ps.timeline.span("all_gather", "dp", buffer.numel() * buffer.element_size()):
-            _all_gather_single(buffer, own, ps.dp_group)
+        self.ddp.start_param_sync()   # --overlap-param-gather: in flight until the next forward
 
     def _gather(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's flat slice -> the whole flat tensor (the param buffer's layout)."""
@@ -143,7 +147,7 @@ class DistributedOptimizer(MegatronOptimizer):
         own[:flat.numel()] = flat
         out = torch.empty(size * self.ps.dp_size, dtype=flat.dtype, device=flat.device)
         with peer_failures("optimizer state all-gather"):
-            _all_gather_single(out, own, self.ps.dp_group)
+            all_gather_into_tensor(out, own, self.ps.dp_group)
         return out
 
     def _step_counter(self) -> torch.Tensor:
@@ -153,6 +157,7 @@ class DistributedOptimizer(MegatronOptimizer):
     def state_tensors(self, gathered: bool = False) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if gathered:
+            self.finish_param_sync()   # the caller reads the whole params with these
             flats = {"exp_avg": self._gather(self._exp_avg), "exp_avg_sq": self._gather(self._exp_avg_sq)}
             if self._master is not None:
                 flats["master"] = self._gather(self._master)
@@ -165,7 +170,13 @@ class DistributedOptimizer(MegatronOptimizer):
         else:
             out[SHARD + "range"] = torch.tensor([self._lo, self._hi, self.ddp.grad_buffer.numel()],
                                                 dtype=torch.int64)
-            out[SHARD + "master"] = self._flat_master   # the params' owned range follows from it
+            # The params' owned range follows from it. With fp32 params it is the owned range
+            # of param_buffer, which an overlapped all-gather (--overlap-param-gather) may be
+            # writing while the GEMINI snapshot copies it: with this rank's own input, cloned
+            # from exactly this range after the update, so every byte written equals the byte
+            # already there and any interleaving of the two copies reads the same values.
+            # No wait and no copy needed; the moments and bf16 masters it never touches.
+            out[SHARD + "master"] = self._flat_master
             out[SHARD + "exp_avg"] = self._exp_avg
             out[SHARD + "exp_avg_sq"] = self._exp_avg_sq
             out[SHARD + "step"] = self._step_counter()
@@ -176,6 +187,7 @@ class DistributedOptimizer(MegatronOptimizer):
     @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """From this rank's slice (same DP layout) or from the gathered layout (any DP size)."""
+        self.finish_param_sync()   # an all-gather in flight must not write over what loads here
         shard = SHARD + "range" in tensors
         own = self._own_keys(shard)
         if set(tensors) != own:
@@ -215,7 +227,7 @@ class DistributedOptimizer(MegatronOptimizer):
             for x in self._pieces:
                 self._params[x.index][1].detach().view(-1)[x.start:x.end].copy_(x.master)
         if shard:   # the slice carries no params: every rank's owned pieces make them whole
-            self._all_gather_params()
+            self.ddp.start_param_sync(force_sync=True)
 
     def restores_params(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether loading `tensors` (optimizer state) also sets the params: this rank's slice
@@ -267,9 +279,3 @@ def _copy(key: str, src: torch.Tensor, dst: torch.Tensor) -> None:
         raise ValueError(f"{key}: checkpoint has {src.dtype}{list(src.shape)}, optimizer has "
                          f"{dst.dtype}{list(dst.shape)}")
     dst.copy_(src)
-
-
-def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name).
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)

@@ -258,6 +258,7 @@ def train(cfg: Config, model_provider: Callable, datasets_provider: Callable, fo
                 data_iter = train_iter()
                 window_t0, window_iters, window_loss = time.perf_counter(), 0, 0.0
                 inplace.training()
+        ddp.finish_param_sync()   # --overlap-param-gather: the final params are whole before the close
         clean = True
         if inplace is not None:
             inplace.finish()
@@ -294,6 +295,7 @@ def recover_in_place(exc: BaseException, inplace: InPlace, ps, ddp, checkpointer
         failures.restarted_clock(ps.rank)
         checkpointer.abandon()
         ddp.abandon_grad_sync()
+        ddp.abandon_param_sync()   # waited for, or failed with its peer, before its group goes
         ps.drop_groups()
         if dist.is_initialized():
             if "nccl" in str(dist.get_backend()):

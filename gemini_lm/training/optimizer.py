@@ -152,6 +152,13 @@ class MegatronOptimizer:
         """What to call backward() on: the loss times the current loss scale."""
         return loss if self.grad_scaler is None else loss * self.grad_scaler.scale
 
+    def finish_param_sync(self) -> None:
+        """Wait for an overlapped param all-gather (--overlap-param-gather) in flight: call
+        before reading or writing the whole params outside a forward (the forward's
+        pre-hook waits by itself). A no-op when there is none, as always without the flag."""
+        if self.ddp is not None:
+            self.ddp.finish_param_sync()
+
     def zero_grad(self) -> None:
         for _, p, master in self._params:
             p.grad = None

@@ -48,7 +48,8 @@ def build_training_setup(cfg: Config, tcfg: TransformerConfig, model_provider: C
     if t.bf16 or t.fp16:
         model = model.to(tcfg.params_dtype)
     distributed_optimizer = cfg.parallel.use_distributed_optimizer
-    ddp = DistributedDataParallel(model, ps, use_distributed_optimizer=distributed_optimizer)
+    ddp = DistributedDataParallel(model, ps, use_distributed_optimizer=distributed_optimizer,
+                                  overlap_param_gather=cfg.parallel.overlap_param_gather)
     optimizer = build_optimizer(model, ps, lr=t.lr, weight_decay=t.weight_decay,
                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                 clip_grad=t.clip_grad,

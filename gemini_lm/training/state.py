@@ -55,6 +55,8 @@ class TrainState:
         (persistent checkpoints; a collective over DP under the distributed optimizer).
         Without it, the params the optimizer's own state determines are left out: under the
         distributed optimizer a rank's snapshot holds its slice and no param at all."""
+        if gathered:   # the params are read whole: an overlapped all-gather must be done
+            self.optimizer.finish_param_sync()
         params = {k: p.detach() for k, p in self._params.items() if gathered or k not in self._from_masters}
         return self._ordered(params, self.optimizer.state_tensors(gathered), self._rest())
 
@@ -92,6 +94,7 @@ class TrainState:
         DP-independent layout, whose names differ from its live ones. From a slice it also
         sets the params, with an all-gather over DP: then every DP rank must load at once
         (restore_state does)."""
+        self.optimizer.finish_param_sync()   # nothing in flight may write over what loads here
         opt = {k: v for k, v in tensors.items() if k.startswith("optimizer/")}
         from_slice = self.optimizer.restores_params(opt)
         params = {k: p for k, p in self._params.items() if not (from_slice and k in self._from_masters)}

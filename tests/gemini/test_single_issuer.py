@@ -65,26 +65,35 @@ def _body(rank, world_size, argv, root):
     at_points = sum(1 for name, _, _, p, _ in calls if p)
     groups = len({group for _, _, _, p, group in calls if p})   # staged: the payload group too
     # The other machine's final snapshot of this rank's peer shard, received here intact.
-    peer_shard = shard_id(1 - rank)
+    peer_shard = shard_id(0, 1 - rank) if cfg.parallel.use_distributed_optimizer else shard_id(1 - rank)
     store = MemoryStore(root, "j", MACHINES[rank])
     replicas = [r.iteration for r in store.records(peer_shard) if r.source == MACHINES[1 - rank]]
     for rec in store.records(peer_shard):
         with store.open(rec, verify=True):
             pass
-    return others, at_points, max(replicas, default=None), len(calls), groups
+    return others, at_points, max(replicas, default=None), len(calls), groups, sorted({name for name, *_ in calls})
 
 
-@pytest.mark.parametrize("transport", ["gloo", "gloo-staged"])   # gloo-staged: the nccl path's code
-def test_only_the_training_thread_issues_collectives_and_p2p(byte_corpus, tmp_path, transport):
+TP2 = ("--tensor-model-parallel-size", "2")
+DP2_OVERLAP = ("--tensor-model-parallel-size", "1", "--use-distributed-optimizer", "--overlap-param-gather")
+
+
+@pytest.mark.parametrize("transport, parallel", [("gloo", TP2), ("gloo-staged", TP2), ("gloo", DP2_OVERLAP)],
+                         ids=["tp2", "tp2_staged", "dp2_overlap_param_gather"])   # gloo-staged: the nccl path's code
+def test_only_the_training_thread_issues_collectives_and_p2p(byte_corpus, tmp_path, transport, parallel):
+    """DP=2 with --overlap-param-gather: the param all-gather is launched by the update and
+    waited for by the next forward, both on the training thread, at the same points everywhere."""
     argv = tiny_gpt_args(byte_corpus, str(tmp_path / "log"), "--train-iters", str(ITERS),
-                         "--gemini-transport", transport,
-                         "--lr-decay-iters", "20", "--tensor-model-parallel-size", "2",
+                         "--gemini-transport", transport, "--lr-decay-iters", "20", *parallel,
                          "--gemini-store-dir", str(tmp_path / "shm"), "--gemini-job-id", "j",
                          "--gemini-keep-store", "--gemini-profile-iters", str(PROFILE),
                          "--gemini-buffer-mb", "0.25", "--gemini-replication-interval", "1",
                          "--save", str(tmp_path / "ckpt"), "--save-interval", "3")
     results = run_ranks(_body, 2, tmp_path, args=(argv, str(tmp_path / "shm")), timeout_s=180)
-    for others, at_points, newest_replica, total, groups in results:
+    if "--use-distributed-optimizer" in parallel:   # each DP rank is its own shard
+        assert all(any(name in ("all_gather_single", "_allgather_base") for name in names)
+                   for *_, names in results)
+    for others, at_points, newest_replica, total, groups, _ in results:
         assert total > 100                     # the instrument saw the run's traffic
         assert others == [], others            # no thread but the trainer issued anything
         assert at_points > 0                   # chunks went at points inside iterations

@@ -51,9 +51,13 @@ def _assert_continued_exactly(reference: str, log_dir: str, save_dir: str | None
     assert_nothing_left(log_dir)
 
 
-def test_worker_kill_recovers_its_slice_from_local_memory(byte_corpus, reference, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--overlap-param-gather",)], ids=["sync", "overlap_param_gather"])
+def test_worker_kill_recovers_its_slice_from_local_memory(byte_corpus, reference, tmp_path, extra):
+    """With --overlap-param-gather the survivor may hold an all-gather in flight when its peer
+    dies: it is waited for (or fails) before the group goes, and the run still continues as
+    the failure-free one without the flag."""
     log_dir = str(tmp_path)
-    run_cluster(log_dir, byte_corpus, injections=("worker:1@iteration=6",), train_flags=FLAGS)
+    run_cluster(log_dir, byte_corpus, injections=("worker:1@iteration=6",), train_flags=(*FLAGS, *extra))
     recs = read_recoveries(log_dir)
     assert len(recs) == 1 and recs[0]["source"] == "local" and recs[0]["failure_kind"] == "worker"
     assert recs[0]["path"] == "inplace"   # the survivor rolled back its own slice in place

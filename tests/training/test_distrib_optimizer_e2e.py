@@ -54,3 +54,30 @@ def test_save_dp2_load_dp1_and_back_continues_as_plain(byte_corpus, tmp_path):
     assert losses["dist"] == losses["plain"]
     for it in (5, 10, 15):
         _assert_same_checkpoint(str(tmp_path / "ck_plain"), str(tmp_path / "ck_dist"), it)
+
+
+def _valid_losses(log_dir: str) -> list[tuple[int, float]]:
+    import json
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [(r["iteration"], r["valid_loss"]) for r in map(json.loads, f) if "valid_loss" in r]
+
+
+@pytest.mark.parametrize("precision", [(), ("--bf16",)], ids=["fp32", "bf16"])
+def test_overlap_param_gather_same_losses_through_evaluation_and_a_save_load(byte_corpus, tmp_path, precision):
+    """DP=2: evaluations (their forward waits for the all-gather in flight) and a persistent
+    save (it gathers the whole params) at iteration 4, then a second run that loads it: the
+    losses and validation losses with --overlap-param-gather equal those without, bit for bit."""
+    runs = {}
+    for variant, extra in (("sync", ()), ("overlap", ("--overlap-param-gather",))):
+        save, train, valid = str(tmp_path / f"ck_{variant}"), [], []
+        for until in (4, 8):
+            name = f"{variant}_{until}"
+            train += _run(tmp_path, byte_corpus, name, 2, "--train-iters", str(until), "--save", save,
+                          "--save-interval", "4", "--eval-interval", "3", "--eval-iters", "2",
+                          *precision, FLAG, *extra)
+            valid += _valid_losses(str(tmp_path / name))
+        runs[variant] = (train, valid)
+    train, valid = runs["sync"]
+    assert [i for i, _ in train] == list(range(1, 9)) and [i for i, _ in valid] == [3, 4, 6, 8]
+    assert runs["overlap"] == runs["sync"]
+    _assert_same_checkpoint(str(tmp_path / "ck_sync"), str(tmp_path / "ck_overlap"), 8)
