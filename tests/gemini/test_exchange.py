@@ -6,7 +6,6 @@ replica is committed with the sender's checksum only at the deadline. Pure tests
 agreement: every rank gets the same inputs from different local ones."""
 import math
 
-import torch
 import torch.distributed as dist
 
 from gemini_lm.checkpoint.naming import shard_id
@@ -17,17 +16,13 @@ from gemini_lm.gemini.interleave import Profile
 from gemini_lm.gemini.store import MemoryStore
 from gemini_lm.gemini.topology import Route
 from tests.dist import run_ranks
-
-
-def _state(rank, iteration):
-    w = torch.randn(5000, generator=torch.Generator().manual_seed(rank)) + iteration
-    return {"w": w, "step": torch.tensor([iteration])}
+from tests.gemini.replica import assert_peer_replica, peer_replicas, toy_state
 
 
 def _exchange_body(rank, world_size, root):
     routes = [Route(shard_id(0), 0, 1, "m0", "m1"), Route(shard_id(1), 1, 0, "m1", "m0")]
     store = MemoryStore(root, "job", f"m{rank}")
-    layout = SnapshotLayout.build(_state(rank, 0), {"shard": shard_id(rank)})
+    layout = SnapshotLayout.build(toy_state(rank, 0), {"shard": shard_id(rank)})
     infos = [None, None]
     dist.all_gather_object(infos, (layout.nbytes, layout.layout_hash))
     senders = dict(enumerate(infos))
@@ -39,7 +34,7 @@ def _exchange_body(rank, world_size, root):
     store.prepare(shard_id(rank), layout.nbytes)
     for k in (1, 2):
         w = store.begin_write(shard_id(rank), layout.nbytes, layout.layout_hash)
-        layout.write(_state(rank, k), w.buffer)
+        layout.write(toy_state(rank, k), w.buffer)
         rec = store.commit(w, k)
 
         def chunks_of(route, k=k):
@@ -57,14 +52,10 @@ def _exchange_body(rank, world_size, root):
             ex.at_point(k + 1, point)
         assert batches == [2, 2, 4]                  # one batch per planned point: a send and a receive each (+ trailers)
         assert ex.transfer.writes                    # received, not committed before the deadline
-        assert not [r for r in store.records(shard_id(1 - rank)) if r.iteration == k]
+        assert not peer_replicas(store, rank, k)
         ex.finish()
         assert batches[-2:] == [2, 2]                # the point that never came, then the acks
-        [got] = [r for r in store.records(shard_id(1 - rank)) if r.iteration == k]
-        with store.open(got, verify=True) as view:   # the sender's checksum over the bytes received
-            t = view.tensors()
-            assert torch.equal(t["w"], _state(1 - rank, k)["w"]) and int(t["step"]) == k
-        assert got.source == f"m{1 - rank}"
+        assert_peer_replica(store, rank, k)          # the sender's checksum over the bytes received
     dist.batch_isend_irecv = real
     dist.barrier()
     store.close()

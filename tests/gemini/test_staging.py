@@ -15,6 +15,7 @@ from gemini_lm.gemini.staging import Staging, connect_routes
 from gemini_lm.gemini.store import MemoryStore
 from gemini_lm.gemini.topology import Route
 from tests.dist import run_ranks
+from tests.gemini.replica import assert_peer_replica, peer_replicas, toy_state
 
 NCCL = torch.cuda.is_available() and dist.is_nccl_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not NCCL, reason="needs CUDA and NCCL"))]
@@ -27,11 +28,6 @@ def _device(kind):
 
 def _backend(kind):
     return "cpu:gloo,cuda:nccl" if kind == "cuda" else "gloo"
-
-
-def _state(rank, iteration):
-    w = torch.randn(5000, generator=torch.Generator().manual_seed(rank)) + iteration
-    return {"w": w, "step": torch.tensor([iteration])}
 
 
 def _chunks(nbytes, k):
@@ -55,7 +51,7 @@ def _staged_body(rank, world_size, kind, root):
     dev = _device(kind)
     routes = [Route(shard_id(0), 0, 1, "m0", "m1"), Route(shard_id(1), 1, 0, "m1", "m0")]
     store = MemoryStore(root, "job", f"m{rank}", pin_memory=kind == "cuda")
-    layout = SnapshotLayout.build(_state(rank, 0), {"shard": shard_id(rank)})
+    layout = SnapshotLayout.build(toy_state(rank, 0), {"shard": shard_id(rank)})
     infos = [None, None]
     dist.all_gather_object(infos, (layout.nbytes, layout.layout_hash))
     nbytes = [n for n, _ in infos]
@@ -81,7 +77,7 @@ def _staged_body(rank, world_size, kind, root):
     store.prepare(shard_id(rank), layout.nbytes)
     for k in (1, 2, 3):   # the sub-buffers carry several snapshots in turn
         w = store.begin_write(shard_id(rank), layout.nbytes, layout.layout_hash)
-        layout.write(_state(rank, k), w.buffer)
+        layout.write(toy_state(rank, k), w.buffer)
         rec = store.commit(w, k)
         batches.clear()
         ex.begin(k, w.buffer, lambda rec=rec: rec, lambda r, k=k: _chunks(nbytes[r.src_rank], k), blocking=False)
@@ -90,13 +86,9 @@ def _staged_body(rank, world_size, kind, root):
         assert batches[:2] == [3, 2]                 # point 0, point 2: one batch each
         assert all(n <= NBUF for n in batches)       # never more chunks of a route than sub-buffers
         assert len(batches) > 3                      # the update's chunks went in waves
-        assert not [r for r in store.records(shard_id(1 - rank)) if r.iteration == k]
+        assert not peer_replicas(store, rank, k)
         ex.finish()
-        [got] = [r for r in store.records(shard_id(1 - rank)) if r.iteration == k]
-        with store.open(got, verify=True) as view:   # the sender's checksum over the bytes received
-            t = view.tensors()
-            assert torch.equal(t["w"], _state(1 - rank, k)["w"]) and int(t["step"]) == k
-        assert got.source == f"m{1 - rank}"
+        assert_peer_replica(store, rank, k)          # the sender's checksum over the bytes received
     dist.batch_isend_irecv = real
     dist.barrier()
     ex.close()

@@ -1,6 +1,7 @@
 """Helpers for end-to-end failure tests: run tools/local_cluster.py and check what it left."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -11,6 +12,8 @@ import time
 from typing import Callable
 
 from gemini_lm.resilience import procs
+from gemini_lm.resilience.events import read_jsonl
+from gemini_lm.resilience.injection import Injection, inject
 from tests.e2e import ROOT, read_losses, read_recoveries, tiny_gpt_args
 
 TRAIN_ITERS = 16
@@ -57,6 +60,37 @@ def run_cluster(log_dir: str, corpus: str, *, machines: int = 2, procs_per_machi
         raise AssertionError(f"cluster exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
                              f"{cluster_logs(log_dir, 3000)}")
     return out
+
+
+@contextlib.contextmanager
+def killed_at_exit(proc: subprocess.Popen):
+    """The block with `proc` (a cluster) running; if it still runs when the block ends, however
+    it ends, it is killed and reaped: a failed test leaves no cluster behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def failure_event(log_dir: str, cause: str) -> dict | None:
+    """The first failure event of `cause` in failures.jsonl, or None yet."""
+    return next((f for f in read_jsonl(os.path.join(log_dir, "failures.jsonl")) if f["cause"] == cause), None)
+
+
+def sigterm_while_a_peer_hangs(cmd: list[str], log_dir: str) -> dict:
+    """Run `cmd` (local_cluster.py, one machine of two workers, --max-restarts 0): freeze rank 1
+    at iteration 5, so rank 0 blocks in its next data-parallel collective, then SIGTERM rank 0.
+    Rank 0's "sigterm" failure event (its detail says what it flushed); the cluster is stopped."""
+    cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with killed_at_exit(cluster):
+        inject(log_dir, Injection("hang", 1, at_iteration=5), offset=0, timeout_s=100, source="test")
+        inject(log_dir, Injection("sigterm", 0), timeout_s=100, source="test")
+        event = wait_for(lambda: failure_event(log_dir, "sigterm"), 60, "the SIGTERM failure event")
+        cluster.send_signal(signal.SIGINT)   # and the frozen rank 1 with it
+        cluster.wait(timeout=60)
+    return event
 
 
 def wait_for(predicate, timeout_s: float, what: str):

@@ -7,8 +7,6 @@ exists only as its peer's replica.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -16,11 +14,9 @@ import torch
 
 from gemini_lm.checkpoint.persistent import latest_iteration, list_iterations
 from gemini_lm.gemini.store import MemoryStore
-from gemini_lm.resilience.events import read_jsonl
-from gemini_lm.resilience.injection import Injection, inject
 from tests.e2e import ROOT, read_losses, read_recoveries, run_pretrain
 from tests.resilience.cluster import (TRAIN_ITERS, assert_nothing_left, assert_same_losses, run_cluster,
-                                      train_args, wait_for)
+                                      sigterm_while_a_peer_hangs, train_args)
 
 pytestmark = pytest.mark.slow   # spawns processes
 
@@ -93,18 +89,9 @@ def test_sigterm_flushes_the_gathered_layout_that_loads_at_dp1_and_dp2(byte_corp
     cmd = [sys.executable, os.path.join(ROOT, "tools", "local_cluster.py"), "--machines", "1",
            "--procs-per-machine", "2", "--max-restarts", "0", "--job-id", "flushdo", "--", "pretrain_gpt.py",
            *train_args(byte_corpus, log_dir, *FLAGS, "--save", save, "--gemini-store-dir", shm)]
-    cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        inject(log_dir, Injection("hang", 1, at_iteration=5), offset=0, timeout_s=100, source="test")
-        inject(log_dir, Injection("sigterm", 0), timeout_s=100, source="test")
-        event = wait_for(lambda: next((f for f in read_jsonl(os.path.join(log_dir, "failures.jsonl"))
-                                       if f["cause"] == "sigterm"), None), 60, "the SIGTERM failure event")
-        cluster.send_signal(signal.SIGINT)   # and the frozen rank 1 with it
-        cluster.wait(timeout=60)
+        event = sigterm_while_a_peer_hangs(cmd, log_dir)
     finally:
-        if cluster.poll() is None:
-            cluster.kill()
-            cluster.wait()
         MemoryStore(shm, "flushdo", "m0").wipe()
     assert event["rank"] == 0 and "flushed iteration " in event["detail"], event
     flushed = int(event["detail"].split("flushed iteration ")[1].split()[0])

@@ -21,7 +21,8 @@ from gemini_lm.resilience.events import read_jsonl
 from gemini_lm.resilience.injection import wait_for_iteration
 from tests.e2e import ROOT, read_losses, read_recoveries
 from tests.resilience.cluster import (assert_nothing_left, assert_same_final_state,
-                                     assert_same_losses, cluster_state, run_cluster, train_args)
+                                     assert_same_losses, cluster_state, killed_at_exit, run_cluster,
+                                     train_args)
 
 pytestmark = pytest.mark.slow   # spawns processes
 
@@ -94,7 +95,7 @@ def test_a_second_kill_during_the_reformation(byte_corpus, reference, tmp_path):
            *train_args(byte_corpus, log_dir, "--save", os.path.join(log_dir, "ckpt"),
                        "--distributed-timeout-seconds", "20")]
     cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with killed_at_exit(cluster):
         wait_for_iteration(log_dir, 6, 0, timeout_s=120)
         state = json.load(open(os.path.join(log_dir, "cluster.json")))
         victims = {w["rank"]: w["pid"] for w in procs.workers(state["cluster_id"], log_dir)}
@@ -105,9 +106,6 @@ def test_a_second_kill_during_the_reformation(byte_corpus, reference, tmp_path):
         with open(os.path.join(log_dir, "injections.jsonl"), "a") as f:   # for the recovery record
             f.write(json.dumps({"time": t0, "kind": "worker", "target": 1}) + "\n")
         assert cluster.wait(timeout=200) == 0, cluster.stderr.read()[-3000:]
-    finally:
-        if cluster.poll() is None:
-            cluster.kill()
     recs = read_recoveries(log_dir)
     assert recs and all(r["path"] == "inplace" and r["source"] == "local" for r in recs), recs
     _continued_exactly(reference, log_dir)

@@ -16,19 +16,14 @@ from safetensors import safe_open
 from gemini_lm.checkpoint.persistent import latest_iteration, list_iterations, read_manifest
 from gemini_lm.checkpoint.snapshot import read_metadata
 from gemini_lm.gemini.store import MemoryStore
-from gemini_lm.resilience.events import read_jsonl
-from gemini_lm.resilience.injection import Injection, inject
 from tests.e2e import ROOT, read_recoveries, tiny_gpt_args
-from tests.resilience.cluster import assert_nothing_left, wait_for
+from tests.resilience.cluster import (assert_nothing_left, failure_event, killed_at_exit, sigterm_while_a_peer_hangs,
+                                      wait_for)
 
 pytestmark = pytest.mark.slow   # spawns processes
 
 CLUSTER = os.path.join(ROOT, "tools", "local_cluster.py")
 INJECT = os.path.join(ROOT, "tools", "inject_failure.py")
-
-
-def _sigterm_event(log_dir: str) -> dict | None:
-    return next((f for f in read_jsonl(os.path.join(log_dir, "failures.jsonl")) if f["cause"] == "sigterm"), None)
 
 
 def _tree(directory) -> dict[str, bytes]:
@@ -58,7 +53,7 @@ def test_sigterm_by_hand_keeps_a_newer_checkpoint_then_ctrl_c_cleans_up(byte_cor
     out_path = tmp_path / "out.txt"   # a file, not a pipe: the training's lines must never block
     with open(out_path, "w") as out_file:
         cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=out_file, stderr=subprocess.PIPE, text=True)
-    try:
+    with killed_at_exit(cluster):
         wait_for(lambda: os.path.exists(os.path.join(log_dir, "cluster.json")), 30, "cluster.json")
         out = subprocess.run([sys.executable, INJECT, "--log-dir", log_dir, "--kind", "sigterm",
                               "--target", "0", "--at-iteration", "5"],
@@ -67,14 +62,10 @@ def test_sigterm_by_hand_keeps_a_newer_checkpoint_then_ctrl_c_cleans_up(byte_cor
         assert json.loads(out.stdout.splitlines()[-1])["kind"] == "sigterm"
         rec = wait_for(lambda: read_recoveries(log_dir), 60, "a recovery record")[0]
         assert rec["failure_kind"] == "sigterm" and rec["source"] == "local"
-        assert _sigterm_event(log_dir)["detail"] == "SIGTERM"   # nothing flushed
+        assert failure_event(log_dir, "sigterm")["detail"] == "SIGTERM"   # nothing flushed
         assert _tree(save) == before
         cluster.send_signal(signal.SIGINT)
         assert cluster.wait(timeout=30) == 130
-    finally:
-        if cluster.poll() is None:
-            cluster.kill()
-            cluster.wait()
     assert_nothing_left(log_dir, finished=False)
     # The cluster's summary: the failure injected by hand, the recovery recorded, where the logs are.
     summary = out_path.read_text().split("local_cluster: interrupted after ")[1].splitlines()
@@ -94,17 +85,7 @@ def test_sigterm_flushes_the_newest_snapshot_byte_for_byte(byte_corpus, tmp_path
            "--job-id", "flush", "--", "pretrain_gpt.py",
            *tiny_gpt_args(byte_corpus, log_dir, "--train-iters", "100000", "--save", save,
                           "--gemini-store-dir", shm)]
-    cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        inject(log_dir, Injection("hang", 1, at_iteration=5), offset=0, timeout_s=100, source="test")
-        inject(log_dir, Injection("sigterm", 0), timeout_s=100, source="test")
-        event = wait_for(lambda: _sigterm_event(log_dir), 60, "the SIGTERM failure event")
-        cluster.send_signal(signal.SIGINT)   # and the frozen rank 1 with it
-        cluster.wait(timeout=60)
-    finally:
-        if cluster.poll() is None:
-            cluster.kill()
-            cluster.wait()
+    event = sigterm_while_a_peer_hangs(cmd, log_dir)
     assert event["rank"] == 0 and "flushed iteration " in event["detail"], event
     flushed = int(event["detail"].split("flushed iteration ")[1].split()[0])
     assert flushed >= 5

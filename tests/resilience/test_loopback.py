@@ -13,7 +13,7 @@ import pytest
 
 from gemini_lm.resilience import procs
 from tests.e2e import ROOT, read_losses, tiny_gpt_args
-from tests.resilience.cluster import assert_nothing_left, cluster_state, wait_for
+from tests.resilience.cluster import assert_nothing_left, cluster_state, killed_at_exit, wait_for
 from tests.resilience.test_local_cluster import CLUSTER
 
 pytestmark = pytest.mark.slow   # spawns a cluster
@@ -57,7 +57,7 @@ def test_every_listening_socket_of_a_cluster_is_loopback(byte_corpus, tmp_path):
     cmd = [sys.executable, CLUSTER, "--machines", "2", "--", "pretrain_gpt.py",
            *tiny_gpt_args(byte_corpus, log_dir, "--train-iters", "100000")]
     cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with killed_at_exit(cluster):
         wait_for(lambda: os.path.exists(os.path.join(log_dir, "metrics.jsonl")) and len(read_losses(log_dir)) > 3,
                   120, "training to run")
         pids = [cluster.pid, *procs.cluster_processes(cluster_state(log_dir)["cluster_id"])]
@@ -67,9 +67,5 @@ def test_every_listening_socket_of_a_cluster_is_loopback(byte_corpus, tmp_path):
         assert exposed == [], [(pid, procs.comm(pid), addr, port) for pid, addr, port in exposed]
         cluster.send_signal(signal.SIGINT)
         assert cluster.wait(timeout=60) == 130
-    finally:
-        if cluster.poll() is None:
-            cluster.kill()
-            cluster.wait()
     assert_nothing_left(log_dir, finished=False)   # interrupted: no process is left
     assert not os.path.exists(cluster_state(log_dir)["store_root"])   # and its store root (marker too) is gone
