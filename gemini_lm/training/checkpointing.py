@@ -147,6 +147,13 @@ class AsyncSaver:
             exc, self._error = self._error, None
             raise exc
 
+    def join(self, timeout_s: float) -> None:
+        """Wait at most `timeout_s` for the write in flight; from any thread (the SIGTERM flush),
+        so it changes nothing: wait() still reaps the write and its error."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
 
 class PersistentCheckpointer:
     """The checkpointer face (checkpoint.protocol.Checkpointer) without GEMINI."""
@@ -218,9 +225,8 @@ class PersistentCheckpointer:
 
     def wait_background(self, timeout_s: float) -> None:
         """Wait at most `timeout_s` for an --async-save write in flight (any thread may call it)."""
-        thread = self.saver._thread if self.saver is not None else None
-        if thread is not None:
-            thread.join(timeout_s)
+        if self.saver is not None:
+            self.saver.join(timeout_s)
 
     def set_window_hook(self, hook) -> None:
         if self.saver is not None:
